@@ -1,0 +1,4 @@
+from distill.cli import main
+import sys
+
+sys.exit(main())
