@@ -1,0 +1,301 @@
+"""Reading an experiment: YAML with line numbers, command-line overrides, readable errors.
+
+``load_experiment(path, overrides)`` is the one entry point: it parses the file with
+``yaml.safe_load`` semantics, applies ``key.path=value`` overrides, validates the result against
+:class:`distill.config.schema.Experiment` and then against the registries, and raises a single
+:class:`ConfigError` that lists every problem with its key path, the value given, the file line
+where the key is written, the allowed values and a "did you mean" for near misses.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from distill.config.schema import Experiment
+from distill.registry import did_you_mean
+
+KeyPath = tuple[Union[str, int], ...]
+
+
+class ConfigError(ValueError):
+    """An experiment that cannot run; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        plural = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{where}{len(problems)} {plural} in the experiment:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """``('stages', 1, 'epochs')`` -> ``stages[1].epochs``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(root)"
+
+
+# ---------------------------------------------------------------------------- YAML with line numbers
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that also records the line of every mapping key and sequence item."""
+
+
+def _node_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _node_lines(value_node, path + (key,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _node_lines(item, path + (index,), lines)
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """Parse a YAML file safely; return the data and a map from key paths to line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such file: {path}"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}invalid YAML: {getattr(error, 'problem', None) or error}"], str(path)) from None
+    if data is None:
+        raise ConfigError(["the file is empty"], str(path))
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], str(path))
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return data, lines
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def _parse_path(dotted: str) -> list[str]:
+    parts = [p for p in dotted.strip().split(".")]
+    if not dotted.strip() or any(not p for p in parts):
+        raise ValueError(f"'{dotted}' is not a key path like optimizer.lr or stages.distill.epochs")
+    return parts
+
+
+def _child_key(container: Any, part: str, traversed: str) -> str | int:
+    """Key of ``part`` inside ``container``: a dict key, a list index, or a list item's ``name``."""
+    if isinstance(container, list):
+        if part.lstrip("-").isdigit():
+            index = int(part)
+            if not -len(container) <= index < len(container):
+                raise ValueError(f"{traversed or '(root)'} has {len(container)} items; index {index} is out of range")
+            return index % len(container)
+        names = [item.get("name") for item in container if isinstance(item, dict)]
+        if part in names:
+            return names.index(part)
+        raise ValueError(
+            f"{traversed or '(root)'} has no item named '{part}'{did_you_mean(part, [n for n in names if n])}; "
+            f"use an index or one of: {', '.join(str(n) for n in names if n)}"
+        )
+    return part
+
+
+def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``value`` at ``dotted`` in nested dicts/lists; list items may be addressed by ``name``.
+
+    ``stages.distill.epochs`` addresses the stage whose ``name`` is ``distill``; ``stages.2.epochs``
+    the third stage. Missing dict levels are created (the schema rejects keys that do not exist).
+    """
+    parts = _parse_path(dotted)
+    container: Any = data
+    traversed = ""
+    for depth, part in enumerate(parts):
+        key = _child_key(container, part, traversed)
+        last = depth == len(parts) - 1
+        if last:
+            container[key] = value
+            return
+        if isinstance(container, dict) and key not in container:
+            container[key] = {}
+        child = container[key]
+        if not isinstance(child, (dict, list)):
+            here = f"{traversed}.{part}" if traversed else part
+            raise ValueError(f"cannot set '{dotted}': {here} holds a value ({child!r}), not a mapping")
+        container = child
+        traversed = f"{traversed}.{part}" if traversed else part
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``data`` with ``key.path=value`` overrides applied; values are parsed as YAML."""
+    data = copy.deepcopy(data)
+    problems: list[str] = []
+    for override in overrides:
+        if "=" not in override:
+            problems.append(f"--set {override}: expected key.path=value, e.g. --set optimizer.lr=0.01")
+            continue
+        dotted, _, raw = override.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            problems.append(f"--set {override}: the value is not valid YAML ({error})")
+            continue
+        try:
+            set_by_path(data, dotted, value)
+        except ValueError as error:
+            problems.append(f"--set {override}: {error}")
+    if problems:
+        raise ConfigError(problems, "command line")
+    return data
+
+
+def apply_mapping_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Like :func:`apply_overrides` but with already-parsed values (compare variants)."""
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        set_by_path(data, dotted, copy.deepcopy(value))
+    return data
+
+
+# ---------------------------------------------------------------------------- pydantic errors
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside ``X | None``, ``list[X]`` or ``dict[str, X]``; else the annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                return arg
+    return annotation
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    """The schema class that describes the mapping found at ``path``, if the schema knows it."""
+    current: Any = Experiment
+    for part in path:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if not isinstance(part, str) or part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
+            continue
+        origin = typing.get_origin(current)
+        args = typing.get_args(current)
+        if origin is list and isinstance(part, int):
+            current = args[0]
+        elif origin is dict and isinstance(part, str):
+            current = args[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
+    """Line of ``path`` in the file, or of its nearest ancestor that is written there."""
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def describe(path: KeyPath, message: str, lines: dict[KeyPath, int]) -> str:
+    line = line_of(path, lines) if lines else None
+    prefix = f"line {line}: " if line else ""
+    return f"{prefix}{format_path(path)}: {message}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def pydantic_problems(error: ValidationError, lines: dict[KeyPath, int]) -> list[str]:
+    """One readable line per pydantic error."""
+    problems: list[str] = []
+    for item in error.errors(include_url=False):
+        path: KeyPath = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(path[:-1])
+            allowed = list(parent.model_fields) if parent else []
+            key = str(path[-1])
+            message = f"unknown key{did_you_mean(key, allowed)}"
+            if allowed:
+                message += f"; allowed keys here: {', '.join(allowed)}"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind == "value_error":
+            message = str(item.get("ctx", {}).get("error", item["msg"]))
+        elif kind == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            given = item.get("input")
+            choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+            hint = did_you_mean(str(given), choices) if isinstance(given, str) else ""
+            message = f"{_short(given)} is not allowed{hint}; allowed values: {expected}"
+        else:
+            message = f"{item['msg']} (got {_short(item.get('input'))})"
+        problems.append(describe(path, message, lines))
+    return problems
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def experiment_from_dict(
+    data: dict[str, Any], lines: dict[KeyPath, int] | None = None, source: str | None = None, check: bool = True
+) -> Experiment:
+    """Validate a dict against the schema and (if ``check``) the registries."""
+    lines = lines or {}
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(pydantic_problems(error, lines), source) from None
+    if check:
+        from distill.config.validate import check_experiment
+
+        problems = [describe(path, message, lines) for path, message in check_experiment(experiment)]
+        if problems:
+            raise ConfigError(problems, source)
+    return experiment
+
+
+def load_raw(path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """The experiment file as a dict with overrides applied, plus its line map."""
+    data, lines = read_yaml(path)
+    return apply_overrides(data, list(overrides)), lines
+
+
+def load_experiment(
+    source: str | Path | dict[str, Any], overrides: Iterable[str] = (), check: bool = True
+) -> Experiment:
+    """Load, override and validate an experiment from a YAML path or a dict.
+
+    Raises :class:`ConfigError` listing every problem (key path, value, line, allowed values).
+    """
+    if isinstance(source, dict):
+        return experiment_from_dict(apply_overrides(source, list(overrides)), source="experiment", check=check)
+    data, lines = load_raw(source, overrides)
+    return experiment_from_dict(data, lines, str(source), check=check)
+
+
+def dump_experiment(experiment: Experiment) -> str:
+    """The resolved experiment as YAML (every default written out)."""
+    return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

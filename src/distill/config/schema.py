@@ -1,0 +1,192 @@
+"""The typed schema of a YAML experiment (pydantic v2).
+
+Every section rejects unknown keys; values are checked for type and range here, and names of
+registered components (architectures, data sets, losses, optimizers, schedulers) and their
+parameters are checked against the registries by :func:`distill.config.validate.check_experiment`
+before anything runs. docs/config.md documents every key with a full annotated example.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """One network: a registered architecture (or import path) and its parameters."""
+
+    arch: str = Field(description="registered architecture (`distill list models`) or 'package.module:Class'")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the builder")
+    weights: str | None = Field(
+        default=None, description="safetensors file of weights to load after building (a stage result or your own)"
+    )
+
+
+class AugmentSpec(Section):
+    """Training-time augmentation, applied identically to teacher and student inputs."""
+
+    random_crop: int = Field(default=0, ge=0, description="pad by this many pixels, then crop back at random")
+    hflip: bool = Field(default=False, description="random horizontal flip with probability 1/2")
+
+
+class DataSpec(Section):
+    """The data set and how it is split, batched and augmented."""
+
+    dataset: str = Field(default="digits", description="registered data set (`distill list datasets`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the data set builder")
+    batch_size: int = Field(default=64, ge=1, description="global batch size of one micro-batch")
+    eval_batch_size: int = Field(default=512, ge=1)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="share of the training split held out")
+    test_fraction: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="share held out as test when the data set has no test split"
+    )
+    split_seed: int = Field(default=0, description="seed of the train/val/test split (fixed across run seeds)")
+    train_subset: int | None = Field(default=None, ge=1, description="keep only this many training samples")
+    test_subset: int | None = Field(default=None, ge=1, description="keep only this many test samples")
+    normalize: bool = Field(default=True, description="standardize inputs per channel with training-split statistics")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+class TermSpec(Section):
+    """One weighted term of the objective."""
+
+    loss: str = Field(description="registered loss (`distill list losses`)")
+    name: str | None = Field(default=None, description="name in logs and reports; defaults to the loss name")
+    weight: float = Field(default=1.0, description="multiplier of this term in the total loss")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loss")
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="loss argument -> source, e.g. {teacher_logits: teacher.logits}; defaults from the loss",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.loss
+
+
+class ObjectiveSpec(Section):
+    """The training objective: a weighted sum of named terms."""
+
+    terms: list[TermSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_term_names(self) -> "ObjectiveSpec":
+        seen: set[str] = set()
+        for term in self.terms:
+            if term.label in seen:
+                raise ValueError(f"two objective terms are named '{term.label}'; give one a distinct `name`")
+            seen.add(term.label)
+        return self
+
+
+class OptimizerSpec(Section):
+    name: str = Field(default="adamw", description="registered optimizer (`distill list optimizers`)")
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    params: dict[str, Any] = Field(default_factory=dict, description="further optimizer arguments (momentum, betas)")
+
+
+class SchedulerSpec(Section):
+    name: str = Field(default="constant", description="registered schedule (`distill list schedulers`)")
+    warmup_steps: int = Field(default=0, ge=0, description="optimizer steps of linear warm-up from 0")
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="warm-up as a share of the stage's steps")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingSpec(Section):
+    """How an optimizer step is made; defaults for every stage, each stage may override."""
+
+    epochs: int = Field(default=10, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop a stage after this many optimizer steps")
+    grad_accum_steps: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float | None = Field(default=None, gt=0.0, description="clip the global gradient norm to this value")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    sync_batchnorm: bool = Field(default=False, description="synchronize BatchNorm statistics across processes")
+
+
+class StageSpec(Section):
+    """One stage: which model learns, from which teacher, with which objective."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique name, used for folders and reports")
+    model: str = Field(description="key in `models` of the network this stage trains")
+    teacher: str | None = Field(
+        default=None, description="an earlier stage (its trained model) or a key in `models`; none for label training"
+    )
+    init_from: str | None = Field(default=None, description="start from the weights an earlier stage produced")
+    objective: ObjectiveSpec
+    optimizer: OptimizerSpec | None = Field(default=None, description="replaces the top-level optimizer")
+    scheduler: SchedulerSpec | None = Field(default=None, description="replaces the top-level scheduler")
+    epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    grad_accum_steps: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+
+
+class EvaluationSpec(Section):
+    every_epochs: int = Field(default=1, ge=1)
+    ece_bins: int = Field(default=15, ge=1)
+    latency: bool = Field(default=True, description="measure CPU latency per sample of each model at the end")
+    reference: str | None = Field(
+        default=None, description="stage whose model the agreement column compares to (default: the last teacher)"
+    )
+
+
+class LoggingSpec(Section):
+    every_steps: int = Field(default=10, ge=1, description="write training metrics every this many optimizer steps")
+
+
+class CheckpointSpec(Section):
+    every_steps: int | None = Field(default=None, ge=1, description="also checkpoint every this many optimizer steps")
+    every_epochs: int = Field(default=1, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+
+
+class CompareSpec(Section):
+    """What `distill compare` runs: named variants (override sets) over seeds."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="variant name -> {dotted.key: value} overrides; none: the experiment as is"
+    )
+    stages: list[str] | None = Field(default=None, description="stages to tabulate (default: all)")
+    metric: Literal["accuracy", "nll", "ece", "agreement"] = "accuracy"
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+
+class Experiment(Section):
+    """A whole experiment: the root of the YAML file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output_dir: str = Field(default="runs", description="run folders go to <output_dir>/<name>/<timestamp>/")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataSpec = Field(default_factory=DataSpec)
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    compare: CompareSpec = Field(default_factory=CompareSpec)
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)

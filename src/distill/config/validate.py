@@ -1,0 +1,193 @@
+"""Checks of an experiment against the registries and across sections, before anything runs.
+
+The schema checks each value on its own; this module checks what needs more context: that named
+components exist and accept the given parameters, that stages reference models and earlier
+stages that exist, and that every objective term can read what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+from distill.config.schema import Experiment, ModelSpec, StageSpec
+from distill.registry import (
+    DATASETS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    Registry,
+    RegistryError,
+    parameter_problems,
+    did_you_mean,
+    load_builtins,
+)
+
+Problem = tuple[tuple[Union[str, int], ...], str]
+
+# Arguments the engine passes itself; users must not set them in `params`.
+INJECTED = {
+    "models": ("num_classes", "input_shape"),
+    "optimizers": ("params", "lr", "weight_decay"),
+    "schedulers": ("total_steps", "warmup_steps"),
+    "datasets": (),
+}
+
+
+def _check_component(
+    registry: Registry, name: str, params: dict[str, Any], path: tuple[Union[str, int], ...], name_key: str
+) -> list[Problem]:
+    try:
+        entry = registry.get(name)
+    except RegistryError as error:
+        return [(path + (name_key,), str(error))]
+    problems = parameter_problems(entry.builder, params, what=f"{registry.singular} '{name}'", injected=INJECTED[registry.kind])
+    return [(path + ("params", key), message) for key, message in problems]
+
+
+def _teacher_model(experiment: Experiment, reference: str, earlier: dict[str, StageSpec]) -> ModelSpec | None:
+    if reference in earlier:
+        return experiment.models[earlier[reference].model] if earlier[reference].model in experiment.models else None
+    return experiment.models.get(reference)
+
+
+def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: dict[str, StageSpec]) -> list[Problem]:
+    from distill.objective import KNOWN_SOURCES, hyperparameters, resolve_inputs
+
+    path: tuple[Union[str, int], ...] = ("stages", index)
+    problems: list[Problem] = []
+    if stage.name in earlier:
+        problems.append((path + ("name",), f"two stages are named '{stage.name}'; stage names must be unique"))
+    if stage.model not in experiment.models:
+        problems.append(
+            (
+                path + ("model",),
+                f"no model '{stage.model}' in `models`{did_you_mean(stage.model, list(experiment.models))}; "
+                f"defined: {', '.join(experiment.models)}",
+            )
+        )
+    if stage.teacher is not None and stage.teacher not in earlier and stage.teacher not in experiment.models:
+        later = [s.name for s in experiment.stages[index:]]
+        hint = " (that stage runs later: move it before this one)" if stage.teacher in later else ""
+        candidates = list(earlier) + list(experiment.models)
+        problems.append(
+            (
+                path + ("teacher",),
+                f"'{stage.teacher}' is neither an earlier stage nor a key in `models`{hint}"
+                f"{did_you_mean(stage.teacher, candidates)}; earlier stages: {', '.join(earlier) or '(none)'}; "
+                f"models: {', '.join(experiment.models)}",
+            )
+        )
+    if stage.init_from is not None:
+        if stage.init_from not in earlier:
+            problems.append(
+                (
+                    path + ("init_from",),
+                    f"'{stage.init_from}' is not an earlier stage{did_you_mean(stage.init_from, list(earlier))}; "
+                    f"earlier stages: {', '.join(earlier) or '(none)'}",
+                )
+            )
+        elif earlier[stage.init_from].model != stage.model:
+            source_model = experiment.models.get(earlier[stage.init_from].model)
+            target_model = experiment.models.get(stage.model)
+            if source_model is None or target_model is None or source_model.model_dump() != target_model.model_dump():
+                problems.append(
+                    (
+                        path + ("init_from",),
+                        f"stage '{stage.init_from}' trained model '{earlier[stage.init_from].model}', which is not "
+                        f"the same architecture as this stage's model '{stage.model}'",
+                    )
+                )
+    precision = stage.mixed_precision or experiment.training.mixed_precision
+    if precision == "fp16" and experiment.device == "cpu":
+        problems.append((path + ("mixed_precision",), "fp16 needs a CUDA device; use bf16 on the CPU"))
+
+    has_teacher = stage.teacher is not None
+    for term_index, term in enumerate(stage.objective.terms):
+        term_path = path + ("objective", "terms", term_index)
+        try:
+            entry = LOSSES.get(term.loss)
+        except RegistryError as error:
+            problems.append((term_path + ("loss",), str(error)))
+            continue
+        allowed = hyperparameters(entry.builder)
+        for key in term.params:
+            if key not in allowed:
+                problems.append(
+                    (
+                        term_path + ("params", key),
+                        f"loss '{term.loss}' has no parameter '{key}'{did_you_mean(key, list(allowed))}; "
+                        f"accepted: {', '.join(allowed) or '(none)'}",
+                    )
+                )
+        try:
+            sources = resolve_inputs(entry.builder, term.inputs)
+        except ValueError as error:
+            problems.append((term_path + ("inputs",), f"loss '{term.loss}': {error}"))
+            continue
+        for argument, source in sources.items():
+            if source not in KNOWN_SOURCES:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"unknown source '{source}'{did_you_mean(source, list(KNOWN_SOURCES))}; "
+                        f"known sources: {', '.join(KNOWN_SOURCES)}",
+                    )
+                )
+            elif source.startswith("teacher.") and not has_teacher:
+                problems.append(
+                    (
+                        term_path + ("loss",),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' has no teacher; "
+                        "set `teacher:` on the stage or use a label loss such as cross_entropy",
+                    )
+                )
+    return problems
+
+
+def check_experiment(experiment: Experiment) -> list[Problem]:
+    """Every problem of ``experiment`` that the schema alone cannot see, as (key path, message)."""
+    load_builtins()
+    problems: list[Problem] = []
+    problems += _check_component(DATASETS, experiment.data.dataset, experiment.data.params, ("data",), "dataset")
+    for key, model in experiment.models.items():
+        problems += _check_component(MODELS, model.arch, model.params, ("models", key), "arch")
+    problems += _check_component(OPTIMIZERS, experiment.optimizer.name, experiment.optimizer.params, ("optimizer",), "name")
+    problems += _check_component(SCHEDULERS, experiment.scheduler.name, experiment.scheduler.params, ("scheduler",), "name")
+
+    earlier: dict[str, StageSpec] = {}
+    for index, stage in enumerate(experiment.stages):
+        problems += _check_stage(experiment, index, stage, earlier)
+        if stage.optimizer is not None:
+            problems += _check_component(
+                OPTIMIZERS, stage.optimizer.name, stage.optimizer.params, ("stages", index, "optimizer"), "name"
+            )
+        if stage.scheduler is not None:
+            problems += _check_component(
+                SCHEDULERS, stage.scheduler.name, stage.scheduler.params, ("stages", index, "scheduler"), "name"
+            )
+        earlier.setdefault(stage.name, stage)
+
+    stage_names = [s.name for s in experiment.stages]
+    if experiment.evaluation.reference is not None and experiment.evaluation.reference not in stage_names:
+        problems.append(
+            (
+                ("evaluation", "reference"),
+                f"no stage '{experiment.evaluation.reference}'"
+                f"{did_you_mean(experiment.evaluation.reference, stage_names)}; stages: {', '.join(stage_names)}",
+            )
+        )
+    for index, name in enumerate(experiment.compare.stages or []):
+        if name not in stage_names:
+            problems.append(
+                (("compare", "stages", index), f"no stage '{name}'{did_you_mean(name, stage_names)}; stages: {', '.join(stage_names)}")
+            )
+    return problems
+
+
+def teacher_model_spec(experiment: Experiment, stage: StageSpec) -> ModelSpec | None:
+    """The architecture of a stage's teacher (an earlier stage's model, or a `models` entry)."""
+    if stage.teacher is None:
+        return None
+    earlier = {s.name: s for s in experiment.stages[: experiment.stages.index(stage)]}
+    return _teacher_model(experiment, stage.teacher, earlier)
