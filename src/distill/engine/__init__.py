@@ -1,0 +1,1 @@
+"""The training engine: stages, the loop, evaluation, checkpoints, runs and comparisons."""

@@ -1,0 +1,290 @@
+"""Running a whole experiment: the run folder, the stages in order, the final evaluation.
+
+A run folder ``<output_dir>/<name>/<timestamp>/`` holds::
+
+    config.yaml        the experiment as resolved (every default written out)
+    run.json           status, times, machine, number of processes
+    metrics.jsonl      one JSON record per training log line, evaluation and final result
+    checkpoints/<stage>/step-XXXXXXXX/   resumable checkpoints (see distill.engine.checkpoint)
+    stages/<stage>/    each finished stage's weights (safetensors) and summary.json
+    final.json         the final table: every stage's model on the test split
+    report.md, plots/  written at the end; `distill report RUN_DIR` rebuilds them
+
+Running the same folder again (``resume=True``) skips finished stages and resumes the
+interrupted one from its newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from distill.config.loader import dump_experiment
+from distill.config.schema import Experiment, StageSpec
+from distill.engine.callbacks import Callback, CallbackList
+from distill.engine.checkpoint import atomic_write_json, atomic_write_text, verify_folder, write_folder_atomically
+from distill.engine.context import (
+    STAGE_SUMMARY,
+    STAGE_WEIGHTS,
+    MetricsLog,
+    RunContext,
+    environment_summary,
+    predict,
+    read_metrics,
+)
+from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
+from distill.engine.stage import train_stage
+from distill.registry import load_builtins
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_accelerator(device: str) -> Any:
+    """An ``accelerate.Accelerator`` for this process (DDP when launched with several processes)."""
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but no CUDA device is available; use device: auto or cpu")
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=use_cpu)
+
+
+def new_run_dir(experiment: Experiment) -> Path:
+    base = Path(experiment.output_dir) / experiment.name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = base / stamp
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = base / f"{stamp}-{suffix}"
+    return candidate
+
+
+def latest_run_dir(experiment: Experiment) -> Path | None:
+    """The newest run folder of this experiment (the one ``--resume`` continues)."""
+    base = Path(experiment.output_dir) / experiment.name
+    if not base.is_dir():
+        return None
+    runs = sorted((p for p in base.iterdir() if (p / CONFIG_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint: str, upstream: dict[str, str]) -> str:
+    """A hash of everything that determines a stage's result, used to reuse it across runs."""
+    training = experiment.training.model_dump(mode="json")
+    payload = {
+        "stage": stage.model_dump(mode="json", exclude={"name"}),
+        "model": experiment.models[stage.model].model_dump(mode="json"),
+        "teacher": upstream.get(stage.teacher) if stage.teacher in upstream else (
+            experiment.models[stage.teacher].model_dump(mode="json") if stage.teacher else None
+        ),
+        "init_from": upstream.get(stage.init_from) if stage.init_from else None,
+        "data": experiment.data.model_dump(mode="json"),
+        "data_fingerprint": data_fingerprint,
+        "training": training,
+        "optimizer": (stage.optimizer or experiment.optimizer).model_dump(mode="json"),
+        "scheduler": (stage.scheduler or experiment.scheduler).model_dump(mode="json"),
+        "evaluation": experiment.evaluation.model_dump(mode="json", exclude={"latency", "reference"}),
+        "seed": experiment.seed,
+        "metric": experiment.compare.metric,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
+    """Copy a finished stage with the same fingerprint from another run folder, if there is one."""
+    for other in context.reuse_dirs:
+        for candidate in sorted((Path(other) / "stages").glob("*")):
+            summary_path = candidate / STAGE_SUMMARY
+            if not summary_path.is_file():
+                continue
+            try:
+                summary = json.loads(summary_path.read_text())
+                if summary.get("fingerprint") != fingerprint:
+                    continue
+                verify_folder(candidate)
+            except Exception:
+                continue
+            if context.is_main:
+                summary["stage"] = stage.name
+                summary["reused_from"] = str(candidate)
+                weights = (candidate / STAGE_WEIGHTS).read_bytes()
+                write_folder_atomically(
+                    context.stage_dir(stage.name),
+                    {
+                        STAGE_WEIGHTS: weights,
+                        STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
+                    },
+                )
+                for record in read_metrics(Path(other) / "metrics.jsonl"):
+                    if record.get("stage") == candidate.name and record.get("kind") in ("train", "eval"):
+                        context.log.write({**record, "stage": stage.name})
+            context.accelerator.wait_for_everyone()
+            context.callbacks.on_message(f"stage '{stage.name}': identical to {candidate}, reused")
+            return True
+    return False
+
+
+def reference_name(experiment: Experiment) -> str | None:
+    """What the agreement column compares to: evaluation.reference, else the last stage's teacher."""
+    if experiment.evaluation.reference is not None:
+        return experiment.evaluation.reference
+    for stage in reversed(experiment.stages):
+        if stage.teacher is not None:
+            return stage.teacher
+    return None
+
+
+def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
+    """Every stage's model (and every teacher taken from `models`) on the test split."""
+    experiment = context.experiment
+    test = context.data.test
+    reference = reference_name(experiment)
+    reference_predictions = None
+    if reference is not None:
+        reference_predictions = predict(context.frozen(reference), test, experiment.data.eval_batch_size, context).argmax(-1)
+    entries: list[tuple[str, str | None, torch.nn.Module, dict[str, Any] | None]] = []
+    stage_names = [s.name for s in experiment.stages]
+    for stage in experiment.stages:
+        if stage.teacher is not None and stage.teacher not in stage_names:
+            if all(e[0] != stage.teacher for e in entries):
+                entries.append((stage.teacher, None, context.frozen(stage.teacher), None))
+        entries.append((stage.name, stage.name, context.stage_model(stage.name).to(context.device), context.stage_summary(stage.name)))
+
+    rows: list[dict[str, Any]] = []
+    example = test.inputs[:1]
+    for name, stage_name, model, summary in entries:
+        logits = predict(model, test, experiment.data.eval_batch_size, context)
+        metrics = classification_metrics(
+            logits,
+            test.labels,
+            reference_predictions=None if name == reference else reference_predictions,
+            ece_bins=experiment.evaluation.ece_bins,
+        )
+        row: dict[str, Any] = {
+            "name": name,
+            "model": experiment.stage(stage_name).model if stage_name else name,
+            "teacher": experiment.stage(stage_name).teacher if stage_name else None,
+            "is_reference": name == reference,
+            "test": metrics,
+            "params": count_parameters(model),
+        }
+        if summary is not None:
+            row["best"] = summary.get("best")
+            row["train_time_s"] = summary.get("train_time_s")
+        if experiment.evaluation.latency and context.is_main:
+            row["latency_ms"] = cpu_latency_ms(model, example)
+        rows.append(row)
+        context.log.write({"kind": "final", "stage": name, **{k: v for k, v in row.items() if k != "name"}})
+    return rows
+
+
+def run_experiment(
+    experiment: Experiment,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Iterable[Callback] = (),
+    reuse_dirs: Iterable[str | Path] = (),
+    write_report: bool = True,
+) -> RunResult:
+    """Run every stage of ``experiment`` and return the run folder and the final table.
+
+    With ``run_dir`` pointing at an existing run folder, finished stages are skipped and an
+    interrupted stage resumes from its newest valid checkpoint (``distill run --resume``).
+    ``reuse_dirs`` are other run folders whose finished, identical stages are copied instead of
+    retrained (``distill compare`` uses this to train a shared teacher once per seed).
+    """
+    load_builtins()
+    from distill.data import load_data
+
+    accelerator = make_accelerator(experiment.device)
+    callback_list = CallbackList(list(callbacks), enabled=accelerator.is_main_process)
+    if run_dir is None:
+        run_dir = new_run_dir(experiment) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            run_dir = broadcast_object_list([str(run_dir) if run_dir else None])[0]
+    run_dir = Path(str(run_dir))
+    started = time.time()
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / CONFIG_FILE).exists():
+            atomic_write_text(run_dir / CONFIG_FILE, dump_experiment(experiment))
+        atomic_write_json(
+            run_dir / "run.json",
+            {
+                "status": "running",
+                "started": datetime.now().isoformat(timespec="seconds"),
+                "processes": accelerator.num_processes,
+                "environment": environment_summary(),
+            },
+        )
+    accelerator.wait_for_everyone()
+
+    data = load_data(experiment.data)
+    context = RunContext(
+        experiment=experiment,
+        run_dir=run_dir,
+        data=data,
+        accelerator=accelerator,
+        callbacks=callback_list,
+        log=MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process),
+        reuse_dirs=[Path(p) for p in reuse_dirs],
+    )
+    callback_list.on_run_start(str(run_dir), experiment)
+
+    fingerprints = context.fingerprints
+    for stage in experiment.stages:
+        fingerprints[stage.name] = stage_fingerprint(experiment, stage, data.fingerprint, fingerprints)
+        if context.stage_done(stage.name):
+            callback_list.on_message(f"stage '{stage.name}': already finished in this run folder, skipped")
+            continue
+        if _try_reuse(context, stage, fingerprints[stage.name]):
+            continue
+        train_stage(context, stage)
+
+    rows = final_evaluation(context)
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "final.json", {"rows": rows})
+        atomic_write_json(
+            run_dir / "run.json",
+            {
+                "status": "finished",
+                "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+                "finished": datetime.now().isoformat(timespec="seconds"),
+                "wall_time_s": time.time() - started,
+                "processes": accelerator.num_processes,
+                "environment": environment_summary(),
+            },
+        )
+        if write_report:
+            from distill.report import build_report
+
+            build_report(run_dir)
+    accelerator.wait_for_everyone()
+    callback_list.on_run_end(str(run_dir), rows)
+    return RunResult(run_dir=run_dir, rows=rows)
+
+
+def clean_stale_temporaries(run_dir: Path) -> None:
+    """Remove temporary folders a killed process left behind (never finished data)."""
+    for stale in Path(run_dir).rglob(".*.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

@@ -1,0 +1,341 @@
+"""One stage of an experiment: the training loop, readable top to bottom.
+
+For each optimizer step the loop takes ``grad_accum_steps`` micro-batches, runs the teacher
+(eval mode, no gradient) and the student, evaluates the objective, and scales each micro-batch's
+loss by its share of the samples in the *whole* optimizer step (across micro-batches and
+processes), so a step's gradient is the mean over all its samples however they were split.
+It then clips, steps, logs, evaluates at epoch ends and checkpoints atomically; a stopped stage
+resumes from its newest valid checkpoint and continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+
+from distill.config.schema import StageSpec
+from distill.data.transforms import augment_batch
+from distill.engine.batches import derive_seed, global_batches, local_slice, steps_per_epoch
+from distill.engine.checkpoint import (
+    checkpoint_name,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    state_dict_for_saving,
+    write_folder_atomically,
+)
+from distill.engine.context import STAGE_SUMMARY, STAGE_WEIGHTS, RunContext, predict
+from distill.engine.metrics import classification_metrics
+from distill.engine.optim import build_optimizer, build_scheduler
+from distill.objective import Objective
+
+
+def _setting(stage: StageSpec, defaults: Any, name: str) -> Any:
+    value = getattr(stage, name)
+    return getattr(defaults, name) if value is None else value
+
+
+class StagePlan:
+    """Resolved settings of a stage: stage values over the experiment's `training` defaults."""
+
+    def __init__(self, context: RunContext, stage: StageSpec) -> None:
+        experiment = context.experiment
+        training = experiment.training
+        self.epochs: int = _setting(stage, training, "epochs")
+        self.grad_accum_steps: int = _setting(stage, training, "grad_accum_steps")
+        self.grad_clip: float | None = _setting(stage, training, "grad_clip")
+        self.mixed_precision: str = _setting(stage, training, "mixed_precision")
+        self.optimizer = stage.optimizer or experiment.optimizer
+        self.scheduler = stage.scheduler or experiment.scheduler
+        self.batch_size = experiment.data.batch_size
+        self.num_samples = len(context.data.train)
+        self.batches_per_epoch = len(
+            global_batches(self.num_samples, self.batch_size, experiment.seed, 0, context.world_size)
+        )
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"stage '{stage.name}': {self.num_samples} training samples give no batch of data.batch_size="
+                f"{self.batch_size} on {context.world_size} process(es)"
+            )
+        self.steps_per_epoch = steps_per_epoch(self.batches_per_epoch, self.grad_accum_steps)
+        max_steps = _setting(stage, training, "max_steps")
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, max_steps)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+
+
+def _evaluate(
+    context: RunContext,
+    model: torch.nn.Module,
+    teacher_predictions: dict[str, torch.Tensor],
+    plan: StagePlan,
+) -> dict[str, dict[str, float]]:
+    data = context.data
+    results: dict[str, dict[str, float]] = {}
+    for split_name, split in (("val", data.val), ("test", data.test)):
+        if split is None or len(split) == 0:
+            continue
+        logits = predict(model, split, context.experiment.data.eval_batch_size, context, plan.autocast_dtype)
+        results[split_name] = classification_metrics(
+            logits,
+            split.labels,
+            reference_predictions=teacher_predictions.get(split_name),
+            ece_bins=context.experiment.evaluation.ece_bins,
+        )
+    return results
+
+
+def best_epoch(history: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any] | None:
+    """The evaluation record with the best validation ``metric`` (test split if there is no val)."""
+    lower_is_better = metric in ("nll", "ece")
+    candidates = [h for h in history if metric in h.get("val", h.get("test", {}))]
+    if not candidates:
+        return None
+
+    def score(record: dict[str, Any]) -> float:
+        value = record.get("val", record.get("test"))[metric]
+        return -value if lower_is_better else value
+
+    return max(candidates, key=score)
+
+
+def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
+    """Train ``stage`` (resuming from its checkpoint if there is one) and write its result folder."""
+    experiment = context.experiment
+    accelerator = context.accelerator
+    plan = StagePlan(context, stage)
+    device = context.device
+
+    # -- models and objective ---------------------------------------------------------------
+    student = context.build_network(stage.model)
+    if stage.init_from is not None:
+        student.load_state_dict(context.stage_model(stage.init_from).state_dict())
+    if experiment.training.sync_batchnorm and context.world_size > 1:
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    teacher = context.teacher_of(stage)
+    objective = Objective.from_spec(stage.objective).to(device)
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(f"stage '{stage.name}': the objective reads the teacher, but the stage has no teacher")
+    trainable = list(student.parameters()) + list(objective.parameters())
+    optimizer = build_optimizer(plan.optimizer, trainable)
+    scheduler = build_scheduler(plan.scheduler, optimizer, plan.total_steps)
+    model = accelerator.prepare_model(student)
+    scaler = torch.amp.GradScaler("cuda") if plan.mixed_precision == "fp16" else None
+
+    # -- resume -----------------------------------------------------------------------------
+    step, epoch, batch_position = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    elapsed_before = 0.0
+    checkpoint_dir = context.checkpoint_dir(stage.name)
+    latest, warnings = latest_valid_checkpoint(checkpoint_dir)
+    for warning in warnings:
+        context.callbacks.on_message(warning)
+    # Without a resume point the stage starts from a seeded global RNG (dropout, etc.).
+    torch.manual_seed(derive_seed(experiment.seed, "train", stage.name))
+    if latest is not None:
+        state = load_checkpoint(
+            latest,
+            modules={"student": accelerator.unwrap_model(model), "objective": objective},
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        step, epoch, batch_position = state["step"], state["epoch"], state["batch_position"]
+        history, elapsed_before = state["history"], state["elapsed_s"]
+        evaluated = {record["epoch"] for record in history}
+        # Drop what the stopped run logged after this checkpoint; it will be logged again.
+        context.log.keep(
+            lambda r: r.get("stage") != stage.name
+            or (r.get("kind") == "train" and r.get("step", 0) <= step)
+            or (r.get("kind") == "eval" and r.get("epoch") in evaluated)
+        )
+        context.callbacks.on_message(f"stage '{stage.name}': resumed from {latest.name} (step {step})")
+
+    train = context.data.train
+    augment_seed = derive_seed(experiment.seed, "augment")
+    order_seed = derive_seed(experiment.seed, "data")
+    teacher_predictions: dict[str, torch.Tensor] = {}
+    if teacher is not None:
+        for split_name, split in (("val", context.data.val), ("test", context.data.test)):
+            if split is not None and len(split):
+                teacher_predictions[split_name] = predict(
+                    teacher, split, experiment.data.eval_batch_size, context, plan.autocast_dtype
+                ).argmax(-1)
+
+    def save(epoch_to_save: int, position: int) -> None:
+        if context.is_main:
+            save_checkpoint(
+                checkpoint_dir / checkpoint_name(step),
+                modules={"student": accelerator.unwrap_model(model), "objective": objective},
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state={
+                    "step": step,
+                    "epoch": epoch_to_save,
+                    "batch_position": position,
+                    "history": history,
+                    "elapsed_s": elapsed_before + time.perf_counter() - started,
+                },
+            )
+            prune_checkpoints(checkpoint_dir, experiment.checkpoint.keep_last)
+        accelerator.wait_for_everyone()
+
+    def autocast() -> Any:
+        dtype = plan.autocast_dtype
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    context.callbacks.on_stage_start(stage.name, plan.total_steps, step, plan.epochs)
+    started = time.perf_counter()
+    window = {"loss": 0.0, "correct": 0.0, "samples": 0.0, "terms": {t.name: 0.0 for t in objective.terms}}
+    model.train()
+
+    while epoch < plan.epochs and step < plan.total_steps:
+        batches = global_batches(len(train), plan.batch_size, order_seed, epoch, context.world_size)
+        while batch_position < len(batches) and step < plan.total_steps:
+            group = batches[batch_position : batch_position + plan.grad_accum_steps]
+            local_groups = [local_slice(b, context.world_size, context.rank) for b in group]
+            # Every micro-batch's loss is weighted by its share of the whole step's samples.
+            step_samples = sum(len(b) for b in group)
+            for micro_index, indices in enumerate(local_groups):
+                inputs = train.inputs[indices]
+                if experiment.data.augment.random_crop or experiment.data.augment.hflip:
+                    inputs = augment_batch(inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment)
+                inputs = inputs.to(device)
+                labels = train.labels[indices].to(device)
+                last = micro_index == len(local_groups) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with sync:
+                    with autocast():
+                        sources = {"student.logits": model(inputs), "batch.labels": labels, "batch.inputs": inputs}
+                        if teacher is not None and objective.needs_teacher:
+                            with torch.no_grad():
+                                sources["teacher.logits"] = teacher(inputs)
+                    output = objective(sources)
+                    share = len(indices) / step_samples * context.world_size
+                    loss = output.total * share
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        accelerator.backward(loss)
+                with torch.no_grad():
+                    count = float(len(indices))
+                    window["loss"] += float(output.total.detach()) * count
+                    window["samples"] += count
+                    window["correct"] += float((sources["student.logits"].argmax(-1) == labels).sum())
+                    for name, value in output.terms.items():
+                        window["terms"][name] += float(value.detach()) * count
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if plan.grad_clip is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, plan.grad_clip))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_position += len(group)
+
+            if context.is_main:
+                context.callbacks.on_step(
+                    stage.name, step, plan.total_steps, {"loss": float(output.total.detach()), "epoch": epoch + 1}
+                )
+            if step % experiment.logging.every_steps == 0 or step == plan.total_steps:
+                _log_window(context, stage, window, step, epoch, scheduler, grad_norm)
+            if experiment.checkpoint.every_steps and step % experiment.checkpoint.every_steps == 0:
+                save(epoch, batch_position)
+
+        epoch_finished = batch_position >= len(batches)
+        if epoch_finished or step >= plan.total_steps:
+            completed_epochs = epoch + 1
+            is_eval_epoch = completed_epochs % experiment.evaluation.every_epochs == 0
+            if is_eval_epoch or step >= plan.total_steps or completed_epochs == plan.epochs:
+                results = _evaluate(context, model, teacher_predictions, plan)
+                record = {"epoch": completed_epochs, "step": step, **results}
+                history.append(record)
+                context.log.write({"kind": "eval", "stage": stage.name, **record})
+                context.callbacks.on_eval(stage.name, record)
+            if epoch_finished:
+                epoch, batch_position = epoch + 1, 0
+            if epoch_finished and epoch % experiment.checkpoint.every_epochs == 0 and step < plan.total_steps:
+                save(epoch, batch_position)
+
+    summary = _finish(context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started)
+    context.callbacks.on_stage_end(stage.name, summary)
+    return summary
+
+
+def _log_window(
+    context: RunContext, stage: StageSpec, window: dict[str, Any], step: int, epoch: int, scheduler: Any, grad_norm: float | None
+) -> None:
+    """Write the mean training metrics since the last log line, summed over processes."""
+    names = list(window["terms"])
+    totals = torch.tensor(
+        [window["loss"], window["correct"], window["samples"], *[window["terms"][n] for n in names]], dtype=torch.float64
+    )
+    if context.world_size > 1:
+        totals = context.accelerator.reduce(totals.to(context.device), reduction="sum").cpu()
+    samples = max(float(totals[2]), 1.0)
+    record = {
+        "kind": "train",
+        "stage": stage.name,
+        "step": step,
+        "epoch": epoch + 1,
+        "loss": float(totals[0]) / samples,
+        "accuracy": float(totals[1]) / samples,
+        "terms": {name: float(totals[3 + i]) / samples for i, name in enumerate(names)},
+        "lr": float(scheduler.get_last_lr()[0]),
+        "samples": int(samples),
+    }
+    if grad_norm is not None and math.isfinite(grad_norm):
+        record["grad_norm"] = grad_norm
+    context.log.write(record)
+    window.update(loss=0.0, correct=0.0, samples=0.0)
+    for name in names:
+        window["terms"][name] = 0.0
+
+
+def _finish(
+    context: RunContext, stage: StageSpec, plan: StagePlan, student: torch.nn.Module, history: list[dict[str, Any]], elapsed: float
+) -> dict[str, Any]:
+    """Write the stage's result folder: final weights and a summary with the evaluation history."""
+    import json
+
+    best = best_epoch(history, context.experiment.compare.metric)
+    summary = {
+        "stage": stage.name,
+        "model": stage.model,
+        "teacher": stage.teacher,
+        "steps": plan.total_steps,
+        "epochs": plan.epochs,
+        "history": history,
+        "final": history[-1] if history else None,
+        "best": best,
+        "train_time_s": elapsed,
+        "world_size": context.world_size,
+        "fingerprint": context.fingerprints.get(stage.name),
+    }
+    if context.is_main:
+        weights = state_dict_for_saving(student)
+        from safetensors.torch import save_file
+
+        write_folder_atomically(
+            context.stage_dir(stage.name),
+            {
+                STAGE_WEIGHTS: lambda p: save_file(weights, str(p)),
+                STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
+            },
+        )
+    context.accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,60 @@
+"""Shared fixtures: small, fast experiments on the real digits data."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(output_dir: Path, **changes: Any) -> dict[str, Any]:
+    """A two-stage experiment (teacher on labels, then a distilled MLP) that runs in seconds."""
+    experiment: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "data": {"dataset": "digits", "batch_size": 64, "val_fraction": 0.1, "test_fraction": 0.2},
+        "models": {
+            "teacher": {"arch": "mlp", "params": {"hidden": [64]}},
+            "student": {"arch": "mlp", "params": {"hidden": [16]}},
+        },
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "training": {"epochs": 2},
+        "evaluation": {"latency": False},
+        "stages": [
+            {"name": "teacher", "model": "teacher", "objective": {"terms": [{"loss": "cross_entropy"}]}},
+            {
+                "name": "distilled",
+                "model": "student",
+                "teacher": "teacher",
+                "objective": {
+                    "terms": [
+                        {"name": "ce", "loss": "cross_entropy", "weight": 0.5},
+                        {"name": "kd", "loss": "hinton_kd", "weight": 0.5, "params": {"temperature": 2.0}},
+                    ]
+                },
+            },
+        ],
+    }
+    for key, value in changes.items():
+        experiment[key] = value
+    return copy.deepcopy(experiment)
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict[str, Any]:
+    return tiny_experiment(tmp_path / "runs")
