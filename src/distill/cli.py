@@ -1,0 +1,220 @@
+"""The ``distill`` command line: the only layer that reads arguments and prints.
+
+    distill run EXP.yaml [--set key.path=value ...] [--resume [RUN_DIR]]
+    distill compare EXP.yaml [--seeds 0,1,2] [--variants a,b] [--resume [FOLDER]]
+    distill report RUN_DIR|COMPARE_FOLDER
+    distill list [models|datasets|losses|optimizers|schedulers]
+    distill validate EXP.yaml [--set ...] [--print]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+
+from distill import __version__
+
+EXIT_CONFIG = 2
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got '{text}'") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation from one YAML experiment.")
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_overrides(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value, e.g. --set optimizer.lr=0.01 --set stages.distill.epochs=5",
+        )
+
+    run = commands.add_parser("run", help="train, evaluate, checkpoint and report one experiment")
+    run.add_argument("config", nargs="?", help="experiment YAML file")
+    add_overrides(run)
+    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                     help="continue a stopped run: the newest run of this experiment, or RUN_DIR")
+    run.add_argument("--no-progress", action="store_true", help="print evaluation lines instead of a progress bar")
+
+    compare = commands.add_parser("compare", help="run the experiment's variants over several seeds and tabulate")
+    compare.add_argument("config", nargs="?", help="experiment YAML file")
+    add_overrides(compare)
+    compare.add_argument("--seeds", type=_parse_ints, help="comma-separated seeds (default: compare.seeds)")
+    compare.add_argument("--variants", help="comma-separated variant names (default: all)")
+    compare.add_argument("--resume", nargs="?", const="latest", metavar="FOLDER",
+                         help="continue a stopped comparison: the newest one of this experiment, or FOLDER")
+    compare.add_argument("--no-progress", action="store_true")
+
+    report = commands.add_parser("report", help="rebuild report.md (run folder) or compare.md (comparison folder)")
+    report.add_argument("folder")
+
+    listing = commands.add_parser("list", help="list registered components with one-line docs")
+    listing.add_argument("kind", nargs="?", choices=["models", "datasets", "losses", "optimizers", "schedulers"])
+
+    validate = commands.add_parser("validate", help="check an experiment without running it")
+    validate.add_argument("config")
+    add_overrides(validate)
+    validate.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
+    return parser
+
+
+def _progress(console: Console, no_progress: bool) -> list:
+    from distill.cli_progress import RichProgress
+
+    show_bar = not no_progress and console.is_terminal
+    return [RichProgress(console, show_bar=show_bar)]
+
+
+def _command_run(args: argparse.Namespace, console: Console) -> int:
+    from distill.cli_progress import final_rich_table
+    from distill.config import ConfigError, load_experiment
+    from distill.engine.runner import CONFIG_FILE, latest_run_dir, run_experiment
+
+    run_dir = None
+    if args.resume:
+        if args.resume == "latest":
+            if not args.config:
+                raise ConfigError(["--resume without RUN_DIR needs the experiment file to find its newest run"])
+            experiment = load_experiment(args.config, args.overrides)
+            run_dir = latest_run_dir(experiment)
+            if run_dir is None:
+                raise ConfigError([f"no earlier run of '{experiment.name}' under {experiment.output_dir}/ to resume"])
+        else:
+            run_dir = Path(args.resume)
+            if not (run_dir / CONFIG_FILE).is_file():
+                raise ConfigError([f"{run_dir} is not a run folder (no {CONFIG_FILE})"])
+        if args.overrides:
+            raise ConfigError(["--set cannot be combined with --resume: a resumed run keeps the configuration it started with"])
+        experiment = load_experiment(run_dir / CONFIG_FILE)
+        console.print(f"resuming [cyan]{run_dir}[/cyan]")
+    else:
+        if not args.config:
+            raise ConfigError(["give an experiment file: distill run EXP.yaml"])
+        experiment = load_experiment(args.config, args.overrides)
+    result = run_experiment(experiment, run_dir=run_dir, callbacks=_progress(console, args.no_progress))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Console().print(final_rich_table(result.rows))
+        Console().print(f"report: [bold]{result.run_dir / 'report.md'}[/bold]")
+    return 0
+
+
+def _command_compare(args: argparse.Namespace, console: Console) -> int:
+    from distill.config import ConfigError, load_raw
+    from distill.engine.compare import plan_compare, run_compare
+    from distill.report.compare_report import compare_table
+
+    import json
+
+    if not args.config:
+        raise ConfigError(["give an experiment file: distill compare EXP.yaml"])
+    raw, lines = load_raw(args.config, args.overrides)
+    variants = [v for v in args.variants.split(",") if v] if args.variants else None
+    folder = None
+    if args.resume:
+        plan = plan_compare(raw, lines, args.config, seeds=args.seeds, variants=variants)
+        if args.resume == "latest":
+            base = Path(plan.experiment.output_dir) / plan.experiment.name
+            candidates = sorted(base.glob("compare-*")) if base.is_dir() else []
+            if not candidates:
+                raise ConfigError([f"no earlier comparison of '{plan.experiment.name}' under {base} to resume"])
+            folder = candidates[-1]
+        else:
+            folder = Path(args.resume)
+    plan = plan_compare(raw, lines, args.config, seeds=args.seeds, variants=variants, folder=folder)
+    console.print(f"comparison of {len(plan.runs)} runs in [cyan]{plan.folder}[/cyan]")
+
+    def announce(index: int, total: int, variant: str, seed: int) -> None:
+        console.rule(f"run {index + 1}/{total}: variant {variant}, seed {seed}")
+
+    path = run_compare(plan, callbacks=_progress(console, args.no_progress), on_run=announce)
+    result = json.loads((plan.folder / "compare.json").read_text())
+    Console().print(compare_table(result))
+    Console().print(f"table: [bold]{path}[/bold]")
+    return 0
+
+
+def _command_report(args: argparse.Namespace, console: Console) -> int:
+    from distill.report import build_compare_report, build_report
+
+    folder = Path(args.folder)
+    if (folder / "compare.json").is_file():
+        path = build_compare_report(folder)
+    elif (folder / "config.yaml").is_file():
+        path = build_report(folder)
+    else:
+        console.print(f"[red]error:[/red] {folder} is neither a run folder (config.yaml) nor a comparison folder (compare.json)")
+        return 1
+    Console().print(str(path))
+    return 0
+
+
+def _command_list(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from distill.registry import REGISTRIES, load_builtins
+
+    load_builtins()
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    out = Console()
+    for kind in kinds:
+        table = Table(title=kind, show_header=True, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for entry in REGISTRIES[kind]:
+            table.add_row(entry.name, entry.summary)
+        out.print(table)
+    return 0
+
+
+def _command_validate(args: argparse.Namespace, console: Console) -> int:
+    from distill.config import dump_experiment, load_experiment
+
+    experiment = load_experiment(args.config, args.overrides)
+    if args.print:
+        Console().print(dump_experiment(experiment), markup=False, highlight=False)
+    console.print(f"[green]ok[/green]: {args.config} is a valid experiment with {len(experiment.stages)} stage(s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    handlers = {
+        "run": _command_run,
+        "compare": _command_compare,
+        "report": _command_report,
+        "list": _command_list,
+        "validate": _command_validate,
+    }
+    from distill.config import ConfigError
+
+    try:
+        return handlers[args.command](args, console)
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: continue with --resume")
+        return 130
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""``report.md`` and its plots, rebuilt at any time from a run folder's files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.engine.checkpoint import atomic_write_text
+from distill.engine.context import read_metrics
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def final_table(rows: list[dict[str, Any]]) -> str:
+    """The table of every model on the test split (one row per stage result / external teacher)."""
+    header = ["model", "network", "teacher", "test acc", "agreement", "NLL", "ECE", "params", "latency (ms/sample)", "best val acc (epoch)"]
+    body = []
+    for row in rows:
+        test = row["test"]
+        best = row.get("best") or {}
+        best_val = (best.get("val") or {}).get("accuracy")
+        body.append(
+            [
+                row["name"] + (" (reference)" if row.get("is_reference") else ""),
+                row["model"],
+                row.get("teacher") or "-",
+                _pct(test["accuracy"]),
+                _pct(test.get("agreement")),
+                _fmt(test["nll"]),
+                _fmt(test["ece"]),
+                f"{row['params']:,}",
+                _fmt(row.get("latency_ms"), 3),
+                f"{_pct(best_val)} ({best.get('epoch')})" if best_val is not None else "-",
+            ]
+        )
+    return markdown_table(header, body)
+
+
+def _plot_training(records: list[dict[str, Any]], stages: list[str], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    shown = [s for s in stages if any(r["stage"] == s for r in train)]
+    if not shown:
+        return False
+    figure, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for axis, stage in zip(axes[0], shown):
+        rows = [r for r in train if r["stage"] == stage]
+        steps = [r["step"] for r in rows]
+        axis.plot(steps, [r["loss"] for r in rows], label="total", linewidth=2, color="black")
+        term_names = list(rows[0].get("terms", {})) if rows else []
+        if len(term_names) > 1:
+            for name in term_names:
+                axis.plot(steps, [r["terms"].get(name) for r in rows], label=name, linewidth=1)
+        axis.set_title(stage)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("loss (unweighted terms)")
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _plot_accuracy(records: list[dict[str, Any]], stages: list[str], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals:
+        return False
+    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    for stage in stages:
+        rows = [r for r in evals if r["stage"] == stage]
+        if not rows:
+            continue
+        split = "val" if "val" in rows[0] else "test"
+        axis.plot([r["epoch"] for r in rows], [100 * r[split]["accuracy"] for r in rows], marker="o", label=f"{stage} ({split})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` of a run folder and return the report's path."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
+    config = yaml.safe_load(config_path.read_text())
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").exists() else {"rows": []}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    stages = [s["name"] for s in config.get("stages", [])]
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+
+    environment = run_info.get("environment", {})
+    lines = [f"# {config['name']}", ""]
+    lines.append(
+        f"Data: `{config['data']['dataset']}`, seed {config.get('seed')}, {run_info.get('processes', 1)} process(es); "
+        f"status: {run_info.get('status', 'unknown')}"
+        + (f", wall time {run_info['wall_time_s']:.1f} s" if "wall_time_s" in run_info else "")
+        + "."
+    )
+    if environment:
+        lines.append(
+            f"Machine: {environment.get('cpu')} ({environment.get('cpu_count')} cores, {environment.get('torch_threads')} torch threads)"
+            f"{', ' + environment['cuda'] if environment.get('cuda') else ''}; torch {environment.get('torch')}."
+        )
+    lines.append("")
+    if final["rows"]:
+        lines += ["## Results on the test split", "", final_table(final["rows"]), ""]
+        lines.append(
+            "Agreement: share of test samples where the model's top-1 class equals the reference model's. "
+            "Latency: median CPU time of one forward pass on one sample. Best val acc: the epoch with the best "
+            "validation accuracy; the other columns are the final weights."
+        )
+        lines.append("")
+
+    if _plot_training(records, stages, plots / "loss.png"):
+        lines += ["## Training loss", "", "![loss terms over optimizer steps](plots/loss.png)", ""]
+    if _plot_accuracy(records, stages, plots / "accuracy.png"):
+        lines += ["## Accuracy over epochs", "", "![accuracy per epoch](plots/accuracy.png)", ""]
+
+    for stage in stages:
+        evals = [r for r in records if r.get("kind") == "eval" and r["stage"] == stage]
+        if not evals:
+            continue
+        lines += [f"### Stage `{stage}`", ""]
+        header = ["epoch", "step"]
+        splits = [s for s in ("val", "test") if s in evals[0]]
+        for split in splits:
+            header += [f"{split} acc", f"{split} NLL", f"{split} ECE"]
+            if "agreement" in evals[0][split]:
+                header.append(f"{split} agreement")
+        body = []
+        for record in evals:
+            row = [str(record["epoch"]), str(record["step"])]
+            for split in splits:
+                metrics = record[split]
+                row += [_pct(metrics["accuracy"]), _fmt(metrics["nll"]), _fmt(metrics["ece"])]
+                if "agreement" in evals[0][split]:
+                    row.append(_pct(metrics.get("agreement")))
+            body.append(row)
+        lines += [markdown_table(header, body), ""]
+
+    lines += ["## Configuration", "", "```yaml", config_path.read_text().rstrip(), "```", ""]
+    report_path = run_dir / "report.md"
+    atomic_write_text(report_path, "\n".join(lines))
+    return report_path
