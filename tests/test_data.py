@@ -453,3 +453,15 @@ def test_sample_uniforms_is_pure_and_uniform() -> None:
     assert torch.equal(sample_uniforms(7, 2, indices[[5, 3]], stream=16), draws[[5, 3]])
     assert not torch.equal(sample_uniforms(7, 2, indices, stream=17), draws)
     assert sample_uniforms(-1, 0, indices[:3], stream=0).shape == (3,)
+
+
+def test_crop_padding_uses_the_given_fill_per_channel() -> None:
+    from distill.config.schema import AugmentSpec
+
+    inputs = torch.ones(4, 2, 5, 5)
+    fill = torch.tensor([-3.0, 7.0])
+    out = augment_batch(inputs, torch.arange(4), epoch=0, seed=0, spec=AugmentSpec(random_crop=5), fill=fill)
+    # every value is either an image pixel (1) or its channel's fill
+    for channel, value in enumerate(fill.tolist()):
+        assert set(out[:, channel].unique().tolist()) <= {1.0, value}
+    assert (out[:, 0] == -3.0).any() and (out[:, 1] == 7.0).any()

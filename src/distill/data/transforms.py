@@ -68,14 +68,21 @@ def sample_integers(seed: int, epoch: int, indices: torch.Tensor, stream: int, h
 
 
 def augment_batch(
-    inputs: torch.Tensor, indices: torch.Tensor, *, epoch: int, seed: int, spec: AugmentSpec
+    inputs: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    epoch: int,
+    seed: int,
+    spec: AugmentSpec,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Randomly crop (after zero padding) and horizontally flip a batch of images.
 
     ``inputs`` is ``[N, C, H, W]``; ``indices`` int64 ``[N]`` holds each sample's index in the
     training split. With ``spec.random_crop = p > 0`` each image is zero-padded by ``p`` pixels
-    on every side and an ``H x W`` window is cut at offsets drawn uniformly from ``0..2p`` per
-    axis; with ``spec.hflip`` each image is mirrored left-right with probability 1/2. All draws
+    on every side (with ``fill`` ``[C]`` instead of zero when given: pass the normalized value of
+    a black pixel, ``-mean / std``, so padding looks like the images' own background) and an
+    ``H x W`` window is cut at offsets drawn uniformly from ``0..2p`` per axis; with ``spec.hflip`` each image is mirrored left-right with probability 1/2. All draws
     depend only on ``(seed, epoch, index)``. Returns a new ``[N, C, H, W]`` tensor, or ``inputs``
     itself when both options are off.
     """
@@ -94,7 +101,11 @@ def augment_batch(
     batch, channels, height, width = inputs.shape
     device = inputs.device
     if padding > 0:
-        source = F.pad(inputs, (padding, padding, padding, padding))
+        if fill is None:
+            source = F.pad(inputs, (padding, padding, padding, padding))
+        else:
+            fill_view = fill.to(device=device, dtype=inputs.dtype).reshape(1, channels, 1, 1)
+            source = F.pad(inputs - fill_view, (padding, padding, padding, padding)) + fill_view
         row_offsets = sample_integers(seed, epoch, indices, STREAM_CROP_ROW, 2 * padding + 1).to(device)
         column_offsets = sample_integers(seed, epoch, indices, STREAM_CROP_COLUMN, 2 * padding + 1).to(device)
     else:

@@ -162,6 +162,9 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     train = context.data.train
     augment_seed = derive_seed(experiment.seed, "augment")
     order_seed = derive_seed(experiment.seed, "data")
+    data = context.data
+    # Crops pad with a black pixel as the model sees it after normalization.
+    pad_fill = None if data.mean is None else -data.mean / data.std
     teacher_predictions: dict[str, torch.Tensor] = {}
     if teacher is not None:
         for split_name, split in (("val", context.data.val), ("test", context.data.test)):
@@ -207,7 +210,9 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             for micro_index, indices in enumerate(local_groups):
                 inputs = train.inputs[indices]
                 if experiment.data.augment.random_crop or experiment.data.augment.hflip:
-                    inputs = augment_batch(inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment)
+                    inputs = augment_batch(
+                        inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment, fill=pad_fill
+                    )
                 inputs = inputs.to(device)
                 labels = train.labels[indices].to(device)
                 last = micro_index == len(local_groups) - 1
