@@ -12,7 +12,6 @@ import torch
 
 from distill.engine.checkpoint import (
     CheckpointError,
-    atomic_write_text,
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -20,6 +19,7 @@ from distill.engine.checkpoint import (
     verify_folder,
 )
 from distill.engine.optim import build_scheduler
+from distill.io import atomic_write_text, read_jsonl
 from distill.config.schema import SchedulerSpec
 
 
@@ -153,3 +153,10 @@ def test_atomic_text_write_replaces_whole(tmp_path: Path) -> None:
     atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert [p.name for p in path.parent.iterdir()] == ["file.txt"]
+
+
+def test_jsonl_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(tmp_path / "absent.jsonl") == []

@@ -172,3 +172,20 @@ def test_line_numbers_point_into_lists(tmp_path: Path, tiny) -> None:
     raw, lines = load_raw(path)
     [problem] = problems_of(path)
     assert problem == f"line {lines[('stages', 1, 'epochs')]}: stages[1].epochs: Input should be greater than or equal to 1 (got -2)"
+
+
+def test_errors_from_overrides_name_the_override(tmp_path: Path, tiny) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", tiny)
+    [problem] = problems_of(path, ["trainin.epochs=3"])
+    assert problem.startswith("--set trainin.epochs=3: trainin: unknown key (did you mean 'training'?)")
+    [problem] = problems_of(path, ["stages.distilled.epochs=0"])
+    assert problem.startswith("--set stages.distilled.epochs=0: stages[1].epochs: Input should be greater than or equal to 1")
+
+
+def test_missing_weights_file_and_cpu_sync_batchnorm(tiny) -> None:
+    tiny["models"]["teacher"]["weights"] = "/nonexistent/teacher.safetensors"
+    tiny["device"] = "cpu"
+    tiny["training"]["sync_batchnorm"] = True
+    text = "\n".join(problems_of(tiny))
+    assert "models.teacher.weights: no such file: /nonexistent/teacher.safetensors" in text
+    assert "training.sync_batchnorm: SyncBatchNorm needs CUDA devices" in text

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import load_experiment
 from distill.engine.callbacks import Callback
-from distill.engine.context import read_metrics
+from distill.io import read_jsonl as read_metrics
 from distill.engine.runner import run_experiment
 from tests.conftest import tiny_experiment
 
@@ -185,3 +185,36 @@ def test_a_user_model_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
     tiny["models"]["student"] = {"arch": "my_nets:WideNet", "params": {"width": 8}}
     result = run_experiment(load_experiment(tiny))
     assert {row["name"]: row["params"] for row in result.rows}["distilled"] == 64 * 8 + 8 + 8 * 10 + 10
+
+
+def test_stage_overrides_merge_into_the_defaults(tiny) -> None:
+    from distill.engine.stage import _merged, _setting
+
+    tiny["optimizer"] = {"name": "sgd", "lr": 0.1, "weight_decay": 0.01, "params": {"momentum": 0.5}}
+    tiny["training"]["grad_clip"] = 1.0
+    tiny["stages"][0]["optimizer"] = {"lr": 0.05}
+    tiny["stages"][0]["grad_clip"] = None
+    tiny["stages"][1]["optimizer"] = {"name": "adamw"}
+    experiment = load_experiment(tiny)
+    first, second = experiment.stages
+    merged = _merged(experiment.optimizer, first.optimizer)
+    assert (merged.name, merged.lr, merged.weight_decay, merged.params) == ("sgd", 0.05, 0.01, {"momentum": 0.5})
+    other = _merged(experiment.optimizer, second.optimizer)
+    assert (other.name, other.lr, other.params) == ("adamw", 0.1, {})  # sgd's momentum does not carry over
+    assert _setting(first, experiment.training, "grad_clip") is None  # switched off explicitly
+    assert _setting(second, experiment.training, "grad_clip") == 1.0
+
+
+def test_a_teacher_name_means_an_earlier_stage_else_a_model(tmp_path: Path, tiny) -> None:
+    """A `models` key that is also the name of a LATER stage still means the model."""
+    tiny["models"]["big"] = {"arch": "mlp", "params": {"hidden": [32]}}
+    tiny["stages"] = [
+        {"name": "student_kd", "model": "student", "teacher": "big", "max_steps": 2, "objective": {"terms": [{"loss": "hinton_kd"}]}},
+        {"name": "big", "model": "big", "max_steps": 2, "objective": {"terms": [{"loss": "cross_entropy"}]}},
+    ]
+    result = run_experiment(load_experiment(tiny))
+    # rows: the `models` teacher (no training history), the distilled student, the later stage
+    assert [(row["name"], "best" in row) for row in result.rows] == [("big", False), ("student_kd", True), ("big", True)]
+    assert [row["is_reference"] for row in result.rows] == [True, False, False]
+    # the later stage trained its own network: its weights are not what the student learned from
+    assert result.rows[0]["test"]["accuracy"] != result.rows[2]["test"]["accuracy"]

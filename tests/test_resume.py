@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.engine.checkpoint import list_checkpoints
-from distill.engine.context import read_metrics
+from distill.io import read_jsonl as read_metrics
 from tests.conftest import ROOT, tiny_experiment, write_yaml
 
 

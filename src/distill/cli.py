@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     def add_overrides(command: argparse.ArgumentParser) -> None:
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config value, e.g. --set optimizer.lr=0.01 --set stages.distill.epochs=5",
+            help="override a config value, e.g. --set optimizer.lr=0.01 --set stages.distilled.epochs=5",
         )
 
     run = commands.add_parser("run", help="train, evaluate, checkpoint and report one experiment")
@@ -182,7 +182,13 @@ def _command_list(args: argparse.Namespace, console: Console) -> int:
 def _command_validate(args: argparse.Namespace, console: Console) -> int:
     from distill.config import dump_experiment, load_experiment
 
+    from distill.config import load_raw
+    from distill.engine.compare import plan_compare
+
     experiment = load_experiment(args.config, args.overrides)
+    if experiment.compare.variants:
+        raw, lines = load_raw(args.config, args.overrides)
+        plan_compare(raw, lines, args.config, seeds=experiment.compare.seeds[:1])  # validates every variant
     if args.print:
         Console().print(dump_experiment(experiment), markup=False, highlight=False)
     console.print(f"[green]ok[/green]: {args.config} is a valid experiment with {len(experiment.stages)} stage(s)")

@@ -117,21 +117,24 @@ def _child_key(container: Any, part: str, traversed: str) -> str | int:
     return part
 
 
-def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> KeyPath:
     """Set ``value`` at ``dotted`` in nested dicts/lists; list items may be addressed by ``name``.
 
     ``stages.distill.epochs`` addresses the stage whose ``name`` is ``distill``; ``stages.2.epochs``
     the third stage. Missing dict levels are created (the schema rejects keys that do not exist).
+    Returns the key path that was set, with list items as indices.
     """
     parts = _parse_path(dotted)
     container: Any = data
     traversed = ""
+    resolved: list[str | int] = []
     for depth, part in enumerate(parts):
         key = _child_key(container, part, traversed)
+        resolved.append(key)
         last = depth == len(parts) - 1
         if last:
             container[key] = value
-            return
+            return tuple(resolved)
         if isinstance(container, dict) and key not in container:
             container[key] = {}
         child = container[key]
@@ -142,8 +145,14 @@ def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         traversed = f"{traversed}.{part}" if traversed else part
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of ``data`` with ``key.path=value`` overrides applied; values are parsed as YAML."""
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], lines: dict[KeyPath, int | str] | None = None
+) -> dict[str, Any]:
+    """A copy of ``data`` with ``key.path=value`` overrides applied; values are parsed as YAML.
+
+    With ``lines`` (the file's key-path -> line map), each overridden path is attributed to its
+    ``--set`` instead of a file line, so errors point at what the user actually typed.
+    """
     data = copy.deepcopy(data)
     problems: list[str] = []
     for override in overrides:
@@ -157,9 +166,16 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             problems.append(f"--set {override}: the value is not valid YAML ({error})")
             continue
         try:
-            set_by_path(data, dotted, value)
+            path = set_by_path(data, dotted, value)
         except ValueError as error:
             problems.append(f"--set {override}: {error}")
+            continue
+        if lines is not None:
+            for known in [k for k in lines if k[: len(path)] == path]:
+                del lines[known]
+            for cut in range(1, len(path) + 1):  # levels the override created are its own too
+                if path[:cut] not in lines:
+                    lines[path[:cut]] = f"--set {override}"
     if problems:
         raise ConfigError(problems, "command line")
     return data
@@ -208,17 +224,20 @@ def _model_at(path: KeyPath) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
-    """Line of ``path`` in the file, or of its nearest ancestor that is written there."""
-    for cut in range(len(path), -1, -1):
+def line_of(path: KeyPath, lines: dict[KeyPath, int | str]) -> int | str | None:
+    """Where ``path`` was written: a file line (int) or the ``--set`` that set it (str).
+
+    Falls back to the nearest written ancestor, but never to the file as a whole.
+    """
+    for cut in range(len(path), 0, -1):
         if path[:cut] in lines:
             return lines[path[:cut]]
     return None
 
 
-def describe(path: KeyPath, message: str, lines: dict[KeyPath, int]) -> str:
-    line = line_of(path, lines) if lines else None
-    prefix = f"line {line}: " if line else ""
+def describe(path: KeyPath, message: str, lines: dict[KeyPath, int | str]) -> str:
+    where = line_of(path, lines) if lines else None
+    prefix = f"line {where}: " if isinstance(where, int) else (f"{where}: " if where else "")
     return f"{prefix}{format_path(path)}: {message}"
 
 
@@ -227,7 +246,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def pydantic_problems(error: ValidationError, lines: dict[KeyPath, int]) -> list[str]:
+def pydantic_problems(error: ValidationError, lines: dict[KeyPath, int | str]) -> list[str]:
     """One readable line per pydantic error."""
     problems: list[str] = []
     for item in error.errors(include_url=False):
@@ -260,7 +279,7 @@ def pydantic_problems(error: ValidationError, lines: dict[KeyPath, int]) -> list
 
 
 def experiment_from_dict(
-    data: dict[str, Any], lines: dict[KeyPath, int] | None = None, source: str | None = None, check: bool = True
+    data: dict[str, Any], lines: dict[KeyPath, int | str] | None = None, source: str | None = None, check: bool = True
 ) -> Experiment:
     """Validate a dict against the schema and (if ``check``) the registries."""
     lines = lines or {}
@@ -277,10 +296,11 @@ def experiment_from_dict(
     return experiment
 
 
-def load_raw(path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    """The experiment file as a dict with overrides applied, plus its line map."""
+def load_raw(path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], dict[KeyPath, int | str]]:
+    """The experiment file as a dict with overrides applied, plus where each key was written."""
     data, lines = read_yaml(path)
-    return apply_overrides(data, list(overrides)), lines
+    located: dict[KeyPath, int | str] = dict(lines)
+    return apply_overrides(data, list(overrides), located), located
 
 
 def load_experiment(
@@ -291,7 +311,9 @@ def load_experiment(
     Raises :class:`ConfigError` listing every problem (key path, value, line, allowed values).
     """
     if isinstance(source, dict):
-        return experiment_from_dict(apply_overrides(source, list(overrides)), source="experiment", check=check)
+        located: dict[KeyPath, int | str] = {}
+        data = apply_overrides(source, list(overrides), located)
+        return experiment_from_dict(data, located, source="experiment", check=check)
     data, lines = load_raw(source, overrides)
     return experiment_from_dict(data, lines, str(source), check=check)
 

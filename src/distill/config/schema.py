@@ -121,8 +121,8 @@ class StageSpec(Section):
     )
     init_from: str | None = Field(default=None, description="start from the weights an earlier stage produced")
     objective: ObjectiveSpec
-    optimizer: OptimizerSpec | None = Field(default=None, description="replaces the top-level optimizer")
-    scheduler: SchedulerSpec | None = Field(default=None, description="replaces the top-level scheduler")
+    optimizer: OptimizerSpec | None = Field(default=None, description="keys merged into the top-level optimizer")
+    scheduler: SchedulerSpec | None = Field(default=None, description="keys merged into the top-level scheduler")
     epochs: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     grad_accum_steps: int | None = Field(default=None, ge=1)

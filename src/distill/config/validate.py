@@ -7,7 +7,8 @@ stages that exist, and that every objective term can read what it needs.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from pathlib import Path
+from typing import Any, Union
 
 from distill.config.schema import Experiment, ModelSpec, StageSpec
 from distill.registry import (
@@ -152,6 +153,10 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
     problems += _check_component(DATASETS, experiment.data.dataset, experiment.data.params, ("data",), "dataset")
     for key, model in experiment.models.items():
         problems += _check_component(MODELS, model.arch, model.params, ("models", key), "arch")
+        if model.weights is not None and not Path(model.weights).is_file():
+            problems.append((("models", key, "weights"), f"no such file: {model.weights}"))
+    if experiment.training.sync_batchnorm and experiment.device == "cpu":
+        problems.append((("training", "sync_batchnorm"), "SyncBatchNorm needs CUDA devices; set it to false on the CPU"))
     problems += _check_component(OPTIMIZERS, experiment.optimizer.name, experiment.optimizer.params, ("optimizer",), "name")
     problems += _check_component(SCHEDULERS, experiment.scheduler.name, experiment.scheduler.params, ("scheduler",), "name")
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from distill.config.loader import ConfigError, KeyPath, apply_mapping_overrides, experiment_from_dict
 from distill.config.schema import Experiment
 from distill.engine.callbacks import Callback
-from distill.engine.checkpoint import atomic_write_json
+from distill.io import atomic_write_json
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ComparePlan:
 
 def plan_compare(
     raw: dict[str, Any],
-    lines: dict[KeyPath, int] | None = None,
+    lines: dict[KeyPath, int | str] | None = None,
     source: str | None = None,
     *,
     seeds: list[int] | None = None,

@@ -15,6 +15,7 @@ from distill.data.base import ArraySplit, DataBundle
 from distill.engine.batches import derive_seed, local_slice
 from distill.engine.callbacks import CallbackList
 from distill.engine.checkpoint import CheckpointError, verify_folder
+from distill.io import atomic_write_text, read_jsonl
 from distill.models.build import build_model, load_weights
 
 STAGE_WEIGHTS = "model.safetensors"
@@ -36,31 +37,14 @@ class MetricsLog:
             handle.flush()
 
     def read(self) -> list[dict[str, Any]]:
-        return read_metrics(self.path)
+        return read_jsonl(self.path)
 
     def keep(self, predicate: Any) -> None:
         """Rewrite the log keeping only the records for which ``predicate(record)`` is true."""
         if not self.enabled or not self.path.exists():
             return
-        from distill.engine.checkpoint import atomic_write_text
-
         kept = [r for r in self.read() if predicate(r)]
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
-    records: list[dict[str, Any]] = []
-    if not Path(path).exists():
-        return records
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 @dataclass
@@ -127,15 +111,31 @@ class RunContext:
         load_weights(model, self.stage_dir(stage_name) / STAGE_WEIGHTS)
         return model
 
-    def frozen(self, reference: str) -> torch.nn.Module:
-        """A teacher: an earlier stage's model or a `models` entry, in eval mode, without gradients."""
-        stage_names = {s.name for s in self.experiment.stages}
-        model = self.stage_model(reference) if reference in stage_names else self.build_network(reference)
+    def is_stage_teacher(self, name: str, before: int | None = None) -> bool:
+        """Whether ``name`` names a stage among the first ``before`` stages (all when None).
+
+        A teacher reference means an earlier stage when one has that name, else a `models`
+        key: the same rule the config validation applies.
+        """
+        stages = self.experiment.stages if before is None else self.experiment.stages[:before]
+        return any(stage.name == name for stage in stages)
+
+    def frozen(self, reference: str, before: int | None = None) -> torch.nn.Module:
+        """A teacher in eval mode, without gradients: a stage's model, or a `models` entry.
+
+        ``before`` limits the stages ``reference`` may name to the first ``before`` ones.
+        """
+        if self.is_stage_teacher(reference, before):
+            model = self.stage_model(reference)
+        else:
+            model = self.build_network(reference)
         model.eval().requires_grad_(False)
         return model.to(self.device)
 
     def teacher_of(self, stage: StageSpec) -> torch.nn.Module | None:
-        return None if stage.teacher is None else self.frozen(stage.teacher)
+        if stage.teacher is None:
+            return None
+        return self.frozen(stage.teacher, before=self.experiment.stages.index(stage))
 
 
 @torch.inference_mode()

@@ -30,7 +30,8 @@ import torch
 from distill.config.loader import dump_experiment
 from distill.config.schema import Experiment, StageSpec
 from distill.engine.callbacks import Callback, CallbackList
-from distill.engine.checkpoint import atomic_write_json, atomic_write_text, verify_folder, write_folder_atomically
+from distill.engine.checkpoint import verify_folder, write_folder_atomically
+from distill.io import atomic_write_json, atomic_write_text, read_jsonl
 from distill.engine.context import (
     STAGE_SUMMARY,
     STAGE_WEIGHTS,
@@ -38,7 +39,6 @@ from distill.engine.context import (
     RunContext,
     environment_summary,
     predict,
-    read_metrics,
 )
 from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
 from distill.engine.stage import train_stage
@@ -87,7 +87,7 @@ def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint
     """A hash of everything that determines a stage's result, used to reuse it across runs."""
     training = experiment.training.model_dump(mode="json")
     payload = {
-        "stage": stage.model_dump(mode="json", exclude={"name"}),
+        "stage": stage.model_dump(mode="json"),  # the name too: it seeds the stage's random draws
         "model": experiment.models[stage.model].model_dump(mode="json"),
         "teacher": upstream.get(stage.teacher) if stage.teacher in upstream else (
             experiment.models[stage.teacher].model_dump(mode="json") if stage.teacher else None
@@ -130,7 +130,7 @@ def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
                         STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
                     },
                 )
-                for record in read_metrics(Path(other) / "metrics.jsonl"):
+                for record in read_jsonl(Path(other) / "metrics.jsonl"):
                     if record.get("stage") == candidate.name and record.get("kind") in ("train", "eval"):
                         context.log.write({**record, "stage": stage.name})
             context.accelerator.wait_for_everyone()
@@ -139,13 +139,16 @@ def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
     return False
 
 
-def reference_name(experiment: Experiment) -> str | None:
-    """What the agreement column compares to: evaluation.reference, else the last stage's teacher."""
+def reference_of(experiment: Experiment) -> tuple[str, int | None] | None:
+    """What the agreement column compares to, as (name, ``before`` for :meth:`RunContext.frozen`).
+
+    ``evaluation.reference`` (a stage) when set, else the teacher of the last stage that has one.
+    """
     if experiment.evaluation.reference is not None:
-        return experiment.evaluation.reference
-    for stage in reversed(experiment.stages):
-        if stage.teacher is not None:
-            return stage.teacher
+        return experiment.evaluation.reference, None
+    for index in range(len(experiment.stages) - 1, -1, -1):
+        if experiment.stages[index].teacher is not None:
+            return experiment.stages[index].teacher, index
     return None
 
 
@@ -153,33 +156,37 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
     """Every stage's model (and every teacher taken from `models`) on the test split."""
     experiment = context.experiment
     test = context.data.test
-    reference = reference_name(experiment)
+    reference = reference_of(experiment)
     reference_predictions = None
     if reference is not None:
-        reference_predictions = predict(context.frozen(reference), test, experiment.data.eval_batch_size, context).argmax(-1)
+        reference_model = context.frozen(*reference)
+        reference_predictions = predict(reference_model, test, experiment.data.eval_batch_size, context).argmax(-1)
+    # (row name, stage or None for a `models` teacher, model, stage summary)
     entries: list[tuple[str, str | None, torch.nn.Module, dict[str, Any] | None]] = []
-    stage_names = [s.name for s in experiment.stages]
-    for stage in experiment.stages:
-        if stage.teacher is not None and stage.teacher not in stage_names:
-            if all(e[0] != stage.teacher for e in entries):
-                entries.append((stage.teacher, None, context.frozen(stage.teacher), None))
+    for index, stage in enumerate(experiment.stages):
+        if stage.teacher is not None and not context.is_stage_teacher(stage.teacher, before=index):
+            if all(entry[0] != stage.teacher for entry in entries):
+                entries.append((stage.teacher, None, context.frozen(stage.teacher, before=index), None))
         entries.append((stage.name, stage.name, context.stage_model(stage.name).to(context.device), context.stage_summary(stage.name)))
 
     rows: list[dict[str, Any]] = []
     example = test.inputs[:1]
     for name, stage_name, model, summary in entries:
+        is_reference = reference is not None and name == reference[0] and (
+            (stage_name is None) != context.is_stage_teacher(name, reference[1])
+        )
         logits = predict(model, test, experiment.data.eval_batch_size, context)
         metrics = classification_metrics(
             logits,
             test.labels,
-            reference_predictions=None if name == reference else reference_predictions,
+            reference_predictions=None if is_reference else reference_predictions,
             ece_bins=experiment.evaluation.ece_bins,
         )
         row: dict[str, Any] = {
             "name": name,
             "model": experiment.stage(stage_name).model if stage_name else name,
             "teacher": experiment.stage(stage_name).teacher if stage_name else None,
-            "is_reference": name == reference,
+            "is_reference": is_reference,
             "test": metrics,
             "params": count_parameters(model),
         }
@@ -222,6 +229,8 @@ def run_experiment(
     run_dir = Path(str(run_dir))
     started = time.time()
     if accelerator.is_main_process:
+        if run_dir.exists():
+            clean_stale_temporaries(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / CONFIG_FILE).exists():
             atomic_write_text(run_dir / CONFIG_FILE, dump_experiment(experiment))
@@ -283,7 +292,8 @@ def run_experiment(
 
 def clean_stale_temporaries(run_dir: Path) -> None:
     """Remove temporary folders a killed process left behind (never finished data)."""
-    for stale in Path(run_dir).rglob(".*.tmp-*"):
+    stale_paths = [*Path(run_dir).rglob(".*.tmp-*"), *Path(run_dir).rglob(".*.old-*")]
+    for stale in stale_paths:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -36,8 +36,20 @@ from distill.objective import Objective
 
 
 def _setting(stage: StageSpec, defaults: Any, name: str) -> Any:
-    value = getattr(stage, name)
-    return getattr(defaults, name) if value is None else value
+    """The stage's value where the stage sets the key (even to null), else the experiment's default."""
+    return getattr(stage, name) if name in stage.model_fields_set else getattr(defaults, name)
+
+
+def _merged(section: Any, override: Any) -> Any:
+    """``section`` with the keys ``override`` sets replaced (its ``params`` kept if the name is the same)."""
+    if override is None:
+        return section
+    updates = {key: getattr(override, key) for key in override.model_fields_set}
+    if "name" in updates and updates["name"] != section.name and "params" not in updates:
+        updates["params"] = {}
+    elif "params" in updates:
+        updates["params"] = {**section.params, **updates["params"]}
+    return section.model_copy(update=updates)
 
 
 class StagePlan:
@@ -50,8 +62,8 @@ class StagePlan:
         self.grad_accum_steps: int = _setting(stage, training, "grad_accum_steps")
         self.grad_clip: float | None = _setting(stage, training, "grad_clip")
         self.mixed_precision: str = _setting(stage, training, "mixed_precision")
-        self.optimizer = stage.optimizer or experiment.optimizer
-        self.scheduler = stage.scheduler or experiment.scheduler
+        self.optimizer = _merged(experiment.optimizer, stage.optimizer)
+        self.scheduler = _merged(experiment.scheduler, stage.scheduler)
         self.batch_size = experiment.data.batch_size
         self.num_samples = len(context.data.train)
         self.batches_per_epoch = len(
@@ -120,9 +132,14 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     if stage.init_from is not None:
         student.load_state_dict(context.stage_model(stage.init_from).state_dict())
     if experiment.training.sync_batchnorm and context.world_size > 1:
+        if device.type == "cpu":
+            raise ValueError("training.sync_batchnorm needs CUDA devices (SyncBatchNorm does not run on the CPU)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = context.teacher_of(stage)
-    objective = Objective.from_spec(stage.objective).to(device)
+    with torch.random.fork_rng(devices=[]):
+        # Terms that own parameters start from weights fixed by (seed, stage).
+        torch.manual_seed(derive_seed(experiment.seed, "objective", stage.name))
+        objective = Objective.from_spec(stage.objective).to(device)
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"stage '{stage.name}': the objective reads the teacher, but the stage has no teacher")
     trainable = list(student.parameters()) + list(objective.parameters())
@@ -134,6 +151,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     # -- resume -----------------------------------------------------------------------------
     step, epoch, batch_position = 0, 0, 0
     history: list[dict[str, Any]] = []
+    # Sums since the last log line (a resumed run continues the same window).
+    window = {"loss": 0.0, "correct": 0.0, "samples": 0.0, "terms": {t.name: 0.0 for t in objective.terms}}
     elapsed_before = 0.0
     checkpoint_dir = context.checkpoint_dir(stage.name)
     latest, warnings = latest_valid_checkpoint(checkpoint_dir)
@@ -149,7 +168,9 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             scheduler=scheduler,
         )
         step, epoch, batch_position = state["step"], state["epoch"], state["batch_position"]
-        history, elapsed_before = state["history"], state["elapsed_s"]
+        history, elapsed_before, window = state["history"], state["elapsed_s"], state["window"]
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         evaluated = {record["epoch"] for record in history}
         # Drop what the stopped run logged after this checkpoint; it will be logged again.
         context.log.keep(
@@ -186,6 +207,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     "batch_position": position,
                     "history": history,
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
+                    "window": window,
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 },
             )
             prune_checkpoints(checkpoint_dir, experiment.checkpoint.keep_last)
@@ -197,7 +220,6 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
 
     context.callbacks.on_stage_start(stage.name, plan.total_steps, step, plan.epochs)
     started = time.perf_counter()
-    window = {"loss": 0.0, "correct": 0.0, "samples": 0.0, "terms": {t.name: 0.0 for t in objective.terms}}
     model.train()
 
     while epoch < plan.epochs and step < plan.total_steps:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distill.engine.checkpoint import atomic_write_text
+from distill.io import atomic_write_text
 from distill.report.run_report import markdown_table
 
 PERCENT_METRICS = {"accuracy", "agreement"}

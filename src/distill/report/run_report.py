@@ -8,8 +8,7 @@ from typing import Any
 
 import yaml
 
-from distill.engine.checkpoint import atomic_write_text
-from distill.engine.context import read_metrics
+from distill.io import atomic_write_text, read_jsonl
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -30,14 +29,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def final_table(rows: list[dict[str, Any]]) -> str:
-    """The table of every model on the test split (one row per stage result / external teacher)."""
-    header = ["model", "network", "teacher", "test acc", "agreement", "NLL", "ECE", "params", "latency (ms/sample)", "best val acc (epoch)"]
+def final_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
+    """The table of every model on the test split (one row per stage result / external teacher).
+
+    The last column is the validation ``metric`` at the epoch that was best by that metric.
+    """
+    header = ["model", "network", "teacher", "test acc", "agreement", "NLL", "ECE", "params", "latency (ms/sample)", f"best val {metric} (epoch)"]
     body = []
     for row in rows:
         test = row["test"]
         best = row.get("best") or {}
-        best_val = (best.get("val") or {}).get("accuracy")
+        best_val = (best.get("val") or {}).get(metric)
         body.append(
             [
                 row["name"] + (" (reference)" if row.get("is_reference") else ""),
@@ -49,7 +51,9 @@ def final_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(test["ece"]),
                 f"{row['params']:,}",
                 _fmt(row.get("latency_ms"), 3),
-                f"{_pct(best_val)} ({best.get('epoch')})" if best_val is not None else "-",
+                f"{_pct(best_val) if metric in ('accuracy', 'agreement') else _fmt(best_val)} ({best.get('epoch')})"
+                if best_val is not None
+                else "-",
             ]
         )
     return markdown_table(header, body)
@@ -121,7 +125,7 @@ def build_report(run_dir: str | Path) -> Path:
     config = yaml.safe_load(config_path.read_text())
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").exists() else {"rows": []}
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl")
     stages = [s["name"] for s in config.get("stages", [])]
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -141,11 +145,12 @@ def build_report(run_dir: str | Path) -> Path:
         )
     lines.append("")
     if final["rows"]:
-        lines += ["## Results on the test split", "", final_table(final["rows"]), ""]
+        metric = config.get("compare", {}).get("metric", "accuracy")
+        lines += ["## Results on the test split", "", final_table(final["rows"], metric), ""]
         lines.append(
             "Agreement: share of test samples where the model's top-1 class equals the reference model's. "
-            "Latency: median CPU time of one forward pass on one sample. Best val acc: the epoch with the best "
-            "validation accuracy; the other columns are the final weights."
+            "Latency: median CPU time of one forward pass on one sample. The last column is the best "
+            f"validation {metric} over the epochs, with its epoch; the other columns are the final weights."
         )
         lines.append("")
 
