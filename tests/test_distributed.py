@@ -34,14 +34,19 @@ def _experiment(output_dir: Path) -> dict:
     experiment["data"]["augment"] = {"random_crop": 1}
     experiment["training"] = {"epochs": 2, "grad_accum_steps": 2, "grad_clip": 5.0}
     experiment["device"] = "cpu"
+    # a term with its own trained parameters and an update() hook: DDP does not manage those,
+    # the engine averages their gradients; if it did not, the processes' students would drift apart
+    experiment["stages"][1]["objective"]["terms"].append(
+        {"name": "hint", "loss": "tests.test_hooks:ProjectedFeatureMSE", "weight": 0.1}
+    )
     return experiment
 
 
 def _run(command: list[str], tmp_path: Path) -> None:
     env = {
         **os.environ,
-        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

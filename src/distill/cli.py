@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: continue with --resume")
         return 130
-    except (FileNotFoundError, ImportError, ValueError) as error:
+    except (FileNotFoundError, ImportError, ValueError, LookupError) as error:
         if args.debug:
             raise
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)

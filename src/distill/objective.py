@@ -2,14 +2,26 @@
 
 A term names a registered loss and, for each tensor argument of that loss, the *source* it reads::
 
-    student.logits    the trained model's output
-    teacher.logits    the teacher's output (no gradient)
-    batch.labels      the integer labels of the batch
-    batch.inputs      the (augmented) inputs
+    student.logits            the trained model's output
+    teacher.logits            the teacher's output (no gradient)
+    batch.labels              the integer labels of the batch
+    batch.inputs              the (augmented) inputs
+    student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
+    teacher.<path>.output     the same on the teacher
+    student.features          the input of the model's last nn.Linear (penultimate features)
 
-A loss's tensor arguments are its positional parameters; its keyword-only parameters are
-hyper-parameters set from ``params`` in YAML. Arguments named ``student_logits``,
-``teacher_logits`` and ``labels`` read the sources above unless ``inputs`` says otherwise.
+A loss is either a function or an ``nn.Module`` class (for losses that own parameters or state:
+a learned head, an adaptive schedule). For a function, the tensor arguments are its positional
+parameters and its keyword-only parameters are hyper-parameters set from ``params`` in YAML. For
+a class, the tensor arguments are the positional parameters of ``forward`` and the
+hyper-parameters are the keyword-only parameters of ``__init__``; ``__init__`` may also ask for
+``num_classes`` and ``source_shapes`` (source -> shape of one sample), which the objective
+supplies. A module loss may define ``update(step=..., total_steps=..., value=...)``: the engine
+calls it after every optimizer step with the term's value averaged over that step (and over
+processes), which is how schedules that adapt to training progress (TAID) move.
+
+Arguments named ``student_logits``, ``teacher_logits``, ``labels`` (and the others in
+:data:`DEFAULT_SOURCES`) read their usual source unless ``inputs`` says otherwise.
 
 Python use::
 
@@ -30,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from distill.hooks import parse_feature_source
 from distill.registry import LOSSES, accepted_parameters
 
 DEFAULT_SOURCES: dict[str, str] = {
@@ -37,43 +50,68 @@ DEFAULT_SOURCES: dict[str, str] = {
     "teacher_logits": "teacher.logits",
     "labels": "batch.labels",
     "inputs": "batch.inputs",
+    "student_scores": "student.logits",
+    "teacher_scores": "teacher.logits",
+    "student_features": "student.features",
+    "teacher_features": "teacher.features",
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
 KNOWN_SOURCES: tuple[str, ...] = ("student.logits", "teacher.logits", "batch.labels", "batch.inputs")
+"""Sources every stage provides (teacher ones when it has a teacher); feature sources come on top."""
+
+INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "source_shapes")
+"""Constructor arguments of module losses that the objective supplies itself."""
 
 
-def tensor_arguments(fn: Callable[..., Any]) -> tuple[list[str], list[str]]:
-    """(required, optional) names of the tensor (positional) arguments of a loss function."""
+def is_module_loss(loss: Any) -> bool:
+    return inspect.isclass(loss) and issubclass(loss, torch.nn.Module)
+
+
+def _call_signature(loss: Any) -> inspect.Signature:
+    return inspect.signature(loss.forward if is_module_loss(loss) else loss)
+
+
+def tensor_arguments(loss: Any) -> tuple[list[str], list[str]]:
+    """(required, optional) names of the tensor (positional) arguments of a loss."""
     required: list[str] = []
     optional: list[str] = []
-    for parameter in inspect.signature(fn).parameters.values():
+    for parameter in _call_signature(loss).parameters.values():
+        if parameter.name == "self":
+            continue
         if parameter.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
             continue
         (required if parameter.default is inspect.Parameter.empty else optional).append(parameter.name)
     return required, optional
 
 
-def hyperparameters(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Keyword-only parameters of a loss (its hyper-parameters) and their defaults.
+def hyperparameters(loss: Any) -> dict[str, Any]:
+    """Hyper-parameters of a loss (set from YAML ``params``) and their defaults.
 
-    ``mask`` and ``reduction`` are set by the objective, not by the user, and are left out.
+    Keyword-only parameters of a function, or of a module loss's ``__init__``. ``mask``,
+    ``reduction`` and the injected ``num_classes`` / ``source_shapes`` are left out.
     """
+    signature = inspect.signature(loss.__init__ if is_module_loss(loss) else loss)
+    excluded = {"mask", "reduction", *INJECTED_ARGUMENTS}
     return {
         p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("mask", "reduction")
+        for p in signature.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in excluded
     }
 
 
-def resolve_inputs(fn: Callable[..., Any], inputs: Mapping[str, str]) -> dict[str, str]:
+def is_known_source(source: str) -> bool:
+    return source in KNOWN_SOURCES or parse_feature_source(source) is not None
+
+
+def resolve_inputs(loss: Any, inputs: Mapping[str, str]) -> dict[str, str]:
     """Argument -> source for every tensor argument a term will pass.
 
     Required arguments come from ``inputs`` or :data:`DEFAULT_SOURCES`; an optional one is passed
-    only when ``inputs`` names it. Raises ``ValueError`` for arguments the loss does not have or
+    only when ``inputs`` names it. Raises ``ValueError`` for arguments the loss does not have, or
     required ones with no source.
     """
-    required, optional = tensor_arguments(fn)
+    required, optional = tensor_arguments(loss)
     unknown = sorted(set(inputs) - set(required) - set(optional))
     if unknown:
         raise ValueError(
@@ -94,16 +132,20 @@ def resolve_inputs(fn: Callable[..., Any], inputs: Mapping[str, str]) -> dict[st
 
 @dataclass
 class Term:
-    """One weighted term: ``weight * loss(**{arg: sources[source]}, **params)``."""
+    """One weighted term: ``weight * loss(**{arg: sources[source]}, **params)``.
+
+    ``loss`` is a registered name, a function, or an ``nn.Module`` class (built by
+    :class:`Objective`, which supplies ``num_classes`` / ``source_shapes`` if asked for).
+    """
 
     name: str
-    loss: str | Callable[..., torch.Tensor]
+    loss: str | Callable[..., torch.Tensor] | type
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.fn: Callable[..., torch.Tensor] = LOSSES.get(self.loss).builder if isinstance(self.loss, str) else self.loss
+        self.fn: Any = LOSSES.get(self.loss).builder if isinstance(self.loss, str) else self.loss
         allowed = hyperparameters(self.fn)
         unknown = sorted(set(self.params) - set(allowed))
         if unknown:
@@ -112,10 +154,21 @@ class Term:
                 f"allowed: {', '.join(allowed) or '(none)'}"
             )
         self.sources: dict[str, str] = resolve_inputs(self.fn, self.inputs)
-        accepted, var_keyword = accepted_parameters(self.fn)
+        accepted, var_keyword = accepted_parameters(self.fn.forward if self.is_module else self.fn)
         # A user's own loss may take neither: it then gets the batch unmasked and returns a mean.
         self.takes_mask = var_keyword or "mask" in accepted
         self.takes_reduction = var_keyword or "reduction" in accepted
+
+    @property
+    def is_module(self) -> bool:
+        return is_module_loss(self.fn)
+
+    def injected_arguments(self) -> set[str]:
+        """Which of ``num_classes`` / ``source_shapes`` the module loss's constructor asks for."""
+        if not self.is_module:
+            return set()
+        accepted, _ = accepted_parameters(self.fn.__init__)
+        return accepted & set(INJECTED_ARGUMENTS)
 
 
 @dataclass
@@ -129,11 +182,18 @@ class ObjectiveOutput:
 class Objective(torch.nn.Module):
     """A weighted sum of named terms.
 
-    It is an ``nn.Module`` so that terms which own parameters (projections, learned weights) are
-    trained, moved and checkpointed with the student; the built-in classification losses own none.
+    It is an ``nn.Module``: the module losses among its terms (learned heads, adaptive
+    schedules) live in ``self.losses`` and are trained, moved and checkpointed with the student.
+    ``num_classes`` and ``source_shapes`` are given to module losses whose constructor asks.
     """
 
-    def __init__(self, terms: list[Term]) -> None:
+    def __init__(
+        self,
+        terms: list[Term],
+        *,
+        num_classes: int | None = None,
+        source_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("an objective needs at least one term")
@@ -142,13 +202,29 @@ class Objective(torch.nn.Module):
         if duplicates:
             raise ValueError(f"objective term names must be unique; repeated: {', '.join(duplicates)}")
         self.terms = terms
+        self.losses = torch.nn.ModuleDict()
+        available = {"num_classes": num_classes, "source_shapes": dict(source_shapes) if source_shapes is not None else None}
+        for term in terms:
+            if not term.is_module:
+                continue
+            injected = {}
+            for argument in term.injected_arguments():
+                if available[argument] is None:
+                    raise ValueError(f"term '{term.name}': the loss needs `{argument}` to be built; pass it to Objective")
+                injected[argument] = available[argument]
+            self.losses[term.name] = term.fn(**term.params, **injected)
+
+    @staticmethod
+    def terms_from_spec(spec: Any) -> list[Term]:
+        """The terms of an :class:`distill.config.schema.ObjectiveSpec` (nothing built yet)."""
+        return [Term(t.label, t.loss, weight=t.weight, params=dict(t.params), inputs=dict(t.inputs)) for t in spec.terms]
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "Objective":
+    def from_spec(
+        cls, spec: Any, *, num_classes: int | None = None, source_shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> "Objective":
         """Build from an :class:`distill.config.schema.ObjectiveSpec`."""
-        return cls(
-            [Term(t.label, t.loss, weight=t.weight, params=dict(t.params), inputs=dict(t.inputs)) for t in spec.terms]
-        )
+        return cls(cls.terms_from_spec(spec), num_classes=num_classes, source_shapes=source_shapes)
 
     @property
     def required_sources(self) -> set[str]:
@@ -158,6 +234,16 @@ class Objective(torch.nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return any(source.startswith("teacher.") for source in self.required_sources)
+
+    @property
+    def updatable(self) -> list[str]:
+        """Names of the terms whose module has an ``update`` method (stepped by the engine)."""
+        return [name for name, module in self.losses.items() if callable(getattr(module, "update", None))]
+
+    def update(self, *, step: int, total_steps: int, values: Mapping[str, float]) -> None:
+        """After an optimizer step: let adaptive terms move (``values``: term -> value of the step)."""
+        for name in self.updatable:
+            self.losses[name].update(step=step, total_steps=total_steps, value=float(values[name]))
 
     def forward(self, sources: Mapping[str, torch.Tensor], *, mask: torch.Tensor | None = None) -> ObjectiveOutput:
         """Evaluate every term on ``sources`` (source name -> tensor) with batchmean reduction."""
@@ -178,7 +264,10 @@ class Objective(torch.nn.Module):
                 raise ValueError(f"term '{term.name}': the loss takes no `mask`, but this batch has padding")
             if term.takes_reduction:
                 extra["reduction"] = "batchmean"
-            value = term.fn(**arguments, **term.params, **extra)
+            if term.is_module:
+                value = self.losses[term.name](**arguments, **extra)
+            else:
+                value = term.fn(**arguments, **term.params, **extra)
             values[term.name] = value
             weighted = value * term.weight
             total = weighted if total is None else total + weighted

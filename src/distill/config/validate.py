@@ -53,7 +53,7 @@ def _teacher_model(experiment: Experiment, reference: str, earlier: dict[str, St
 
 
 def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: dict[str, StageSpec]) -> list[Problem]:
-    from distill.objective import KNOWN_SOURCES, hyperparameters, resolve_inputs
+    from distill.objective import KNOWN_SOURCES, hyperparameters, is_known_source, resolve_inputs
 
     path: tuple[Union[str, int], ...] = ("stages", index)
     problems: list[Problem] = []
@@ -127,12 +127,13 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
             problems.append((term_path + ("inputs",), f"loss '{term.loss}': {error}"))
             continue
         for argument, source in sources.items():
-            if source not in KNOWN_SOURCES:
+            if not is_known_source(source):
                 problems.append(
                     (
                         term_path + ("inputs", argument),
                         f"unknown source '{source}'{did_you_mean(source, list(KNOWN_SOURCES))}; "
-                        f"known sources: {', '.join(KNOWN_SOURCES)}",
+                        f"known sources: {', '.join(KNOWN_SOURCES)}, student.features, "
+                        "or a module path: student.<path>.output / teacher.<path>.input",
                     )
                 )
             elif source.startswith("teacher.") and not has_teacher:

@@ -30,6 +30,7 @@ from distill.engine.checkpoint import (
     write_folder_atomically,
 )
 from distill.engine.context import STAGE_SUMMARY, STAGE_WEIGHTS, RunContext, predict
+from distill.engine.forward import ForwardPass
 from distill.engine.metrics import classification_metrics
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.objective import Objective
@@ -136,16 +137,27 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             raise ValueError("training.sync_batchnorm needs CUDA devices (SyncBatchNorm does not run on the CPU)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = context.teacher_of(stage)
+    train = context.data.train
+
+    def autocast() -> Any:
+        dtype = plan.autocast_dtype
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    terms = Objective.terms_from_spec(stage.objective)
+    forward = ForwardPass(student.to(device), teacher, {s for t in terms for s in t.sources.values()}, autocast)
+    source_shapes = None
+    if any("source_shapes" in term.injected_arguments() for term in terms):
+        source_shapes = forward.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).
         torch.manual_seed(derive_seed(experiment.seed, "objective", stage.name))
-        objective = Objective.from_spec(stage.objective).to(device)
-    if objective.needs_teacher and teacher is None:
-        raise ValueError(f"stage '{stage.name}': the objective reads the teacher, but the stage has no teacher")
-    trainable = list(student.parameters()) + list(objective.parameters())
+        objective = Objective(terms, num_classes=context.data.num_classes, source_shapes=source_shapes).to(device)
+    objective_parameters = list(objective.parameters())
+    trainable = list(student.parameters()) + objective_parameters
     optimizer = build_optimizer(plan.optimizer, trainable)
     scheduler = build_scheduler(plan.scheduler, optimizer, plan.total_steps)
     model = accelerator.prepare_model(student)
+    forward.model = model
     scaler = torch.amp.GradScaler("cuda") if plan.mixed_precision == "fp16" else None
 
     # -- resume -----------------------------------------------------------------------------
@@ -180,7 +192,6 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         )
         context.callbacks.on_message(f"stage '{stage.name}': resumed from {latest.name} (step {step})")
 
-    train = context.data.train
     augment_seed = derive_seed(experiment.seed, "augment")
     order_seed = derive_seed(experiment.seed, "data")
     data = context.data
@@ -214,93 +225,109 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             prune_checkpoints(checkpoint_dir, experiment.checkpoint.keep_last)
         accelerator.wait_for_everyone()
 
-    def autocast() -> Any:
-        dtype = plan.autocast_dtype
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
     context.callbacks.on_stage_start(stage.name, plan.total_steps, step, plan.epochs)
     started = time.perf_counter()
     model.train()
 
-    while epoch < plan.epochs and step < plan.total_steps:
-        batches = global_batches(len(train), plan.batch_size, order_seed, epoch, context.world_size)
-        while batch_position < len(batches) and step < plan.total_steps:
-            group = batches[batch_position : batch_position + plan.grad_accum_steps]
-            local_groups = [local_slice(b, context.world_size, context.rank) for b in group]
-            # Every micro-batch's loss is weighted by its share of the whole step's samples.
-            step_samples = sum(len(b) for b in group)
-            for micro_index, indices in enumerate(local_groups):
-                inputs = train.inputs[indices]
-                if experiment.data.augment.random_crop or experiment.data.augment.hflip:
-                    inputs = augment_batch(
-                        inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment, fill=pad_fill
-                    )
-                inputs = inputs.to(device)
-                labels = train.labels[indices].to(device)
-                last = micro_index == len(local_groups) - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync:
-                    with autocast():
-                        sources = {"student.logits": model(inputs), "batch.labels": labels, "batch.inputs": inputs}
-                        if teacher is not None and objective.needs_teacher:
-                            with torch.no_grad():
-                                sources["teacher.logits"] = teacher(inputs)
-                    output = objective(sources)
-                    share = len(indices) / step_samples * context.world_size
-                    loss = output.total * share
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        accelerator.backward(loss)
-                with torch.no_grad():
-                    count = float(len(indices))
-                    window["loss"] += float(output.total.detach()) * count
-                    window["samples"] += count
-                    window["correct"] += float((sources["student.logits"].argmax(-1) == labels).sum())
-                    for name, value in output.terms.items():
-                        window["terms"][name] += float(value.detach()) * count
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if plan.grad_clip is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, plan.grad_clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            batch_position += len(group)
+    with forward:
+        while epoch < plan.epochs and step < plan.total_steps:
+            batches = global_batches(len(train), plan.batch_size, order_seed, epoch, context.world_size)
+            while batch_position < len(batches) and step < plan.total_steps:
+                group = batches[batch_position : batch_position + plan.grad_accum_steps]
+                local_groups = [local_slice(b, context.world_size, context.rank) for b in group]
+                # Every micro-batch's loss is weighted by its share of the whole step's samples.
+                step_samples = sum(len(b) for b in group)
+                step_sums = {term.name: 0.0 for term in terms}
+                for micro_index, indices in enumerate(local_groups):
+                    inputs = train.inputs[indices]
+                    if experiment.data.augment.random_crop or experiment.data.augment.hflip:
+                        inputs = augment_batch(
+                            inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment, fill=pad_fill
+                        )
+                    inputs = inputs.to(device)
+                    labels = train.labels[indices].to(device)
+                    last = micro_index == len(local_groups) - 1
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                    with sync:
+                        sources = forward(inputs, labels)
+                        output = objective(sources)
+                        share = len(indices) / step_samples * context.world_size
+                        loss = output.total * share
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                        else:
+                            accelerator.backward(loss)
+                    with torch.no_grad():
+                        count = float(len(indices))
+                        window["loss"] += float(output.total.detach()) * count
+                        window["samples"] += count
+                        window["correct"] += float((sources["student.logits"].argmax(-1) == labels).sum())
+                        for name, value in output.terms.items():
+                            window["terms"][name] += float(value.detach()) * count
+                            step_sums[name] += float(value.detach()) * count
+                    del sources, output, loss
+                if context.world_size > 1 and objective_parameters:
+                    _average_gradients(objective_parameters, context.world_size)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = None
+                if plan.grad_clip is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(trainable, plan.grad_clip))
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                batch_position += len(group)
+                if objective.updatable:
+                    objective.update(step=step, total_steps=plan.total_steps, values=_step_means(context, step_sums, sum(len(i) for i in local_groups)))
 
-            if context.is_main:
-                context.callbacks.on_step(
-                    stage.name, step, plan.total_steps, {"loss": float(output.total.detach()), "epoch": epoch + 1}
-                )
-            if step % experiment.logging.every_steps == 0 or step == plan.total_steps:
-                _log_window(context, stage, window, step, epoch, scheduler, grad_norm)
-            if experiment.checkpoint.every_steps and step % experiment.checkpoint.every_steps == 0:
-                save(epoch, batch_position)
+                if context.is_main:
+                    step_loss = sum(step_sums[t.name] * t.weight for t in terms) / max(1, sum(len(i) for i in local_groups))
+                    context.callbacks.on_step(stage.name, step, plan.total_steps, {"loss": step_loss, "epoch": epoch + 1})
+                if step % experiment.logging.every_steps == 0 or step == plan.total_steps:
+                    _log_window(context, stage, window, step, epoch, scheduler, grad_norm)
+                if experiment.checkpoint.every_steps and step % experiment.checkpoint.every_steps == 0:
+                    save(epoch, batch_position)
 
-        epoch_finished = batch_position >= len(batches)
-        if epoch_finished or step >= plan.total_steps:
-            completed_epochs = epoch + 1
-            is_eval_epoch = completed_epochs % experiment.evaluation.every_epochs == 0
-            if is_eval_epoch or step >= plan.total_steps or completed_epochs == plan.epochs:
-                results = _evaluate(context, model, teacher_predictions, plan)
-                record = {"epoch": completed_epochs, "step": step, **results}
-                history.append(record)
-                context.log.write({"kind": "eval", "stage": stage.name, **record})
-                context.callbacks.on_eval(stage.name, record)
-            if epoch_finished:
-                epoch, batch_position = epoch + 1, 0
-            if epoch_finished and epoch % experiment.checkpoint.every_epochs == 0 and step < plan.total_steps:
-                save(epoch, batch_position)
+            epoch_finished = batch_position >= len(batches)
+            if epoch_finished or step >= plan.total_steps:
+                completed_epochs = epoch + 1
+                is_eval_epoch = completed_epochs % experiment.evaluation.every_epochs == 0
+                if is_eval_epoch or step >= plan.total_steps or completed_epochs == plan.epochs:
+                    results = _evaluate(context, model, teacher_predictions, plan)
+                    record = {"epoch": completed_epochs, "step": step, **results}
+                    history.append(record)
+                    context.log.write({"kind": "eval", "stage": stage.name, **record})
+                    context.callbacks.on_eval(stage.name, record)
+                if epoch_finished:
+                    epoch, batch_position = epoch + 1, 0
+                if epoch_finished and epoch % experiment.checkpoint.every_epochs == 0 and step < plan.total_steps:
+                    save(epoch, batch_position)
 
     summary = _finish(context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started)
     context.callbacks.on_stage_end(stage.name, summary)
     return summary
+
+
+def _average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce the gradients of parameters DDP does not manage (those of objective terms)."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world_size
+
+
+def _step_means(context: RunContext, sums: dict[str, float], local_samples: int) -> dict[str, float]:
+    """Each term's mean over the whole optimizer step, over every process."""
+    names = list(sums)
+    totals = torch.tensor([*(sums[n] for n in names), float(local_samples)], dtype=torch.float64)
+    if context.world_size > 1:
+        totals = context.accelerator.reduce(totals.to(context.device), reduction="sum").cpu()
+    return {name: float(totals[i]) / max(float(totals[-1]), 1.0) for i, name in enumerate(names)}
 
 
 def _log_window(

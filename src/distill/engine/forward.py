@@ -1,0 +1,78 @@
+"""One forward pass of student and teacher, collecting every source the objective reads."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable
+
+import torch
+
+from distill.hooks import FeatureCapture, parse_feature_source
+
+
+class ForwardPass:
+    """Runs the trained model and the teacher on a batch and returns ``{source: tensor}``.
+
+    ``student`` is the unwrapped trained model (hooks are registered on it, so they also fire
+    when a DDP wrapper calls it); ``model`` is what is called (the wrapper, or the same module).
+    Only the sources in ``required`` are produced: the teacher runs only when a term reads it,
+    and only the requested submodule inputs/outputs are captured. Use as a context manager so
+    that the hooks are removed afterwards.
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None,
+        required: Iterable[str],
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ) -> None:
+        self.student = student
+        self.model: torch.nn.Module = student
+        self.teacher = teacher
+        self.required = set(required)
+        self.autocast = autocast
+        features = [parse_feature_source(s) for s in self.required]
+        features = [f for f in features if f is not None]
+        self.student_capture = FeatureCapture(student, [f for f in features if f.model == "student"], "student")
+        teacher_features = [f for f in features if f.model == "teacher"]
+        if teacher_features and teacher is None:
+            raise ValueError(f"the objective reads {teacher_features[0].name}, but the stage has no teacher")
+        self.teacher_capture = FeatureCapture(teacher, teacher_features, "teacher") if teacher is not None else None
+        self.runs_teacher = teacher is not None and any(s.startswith("teacher.") for s in self.required)
+
+    def __enter__(self) -> "ForwardPass":
+        self.student_capture.__enter__()
+        if self.teacher_capture is not None:
+            self.teacher_capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.student_capture.__exit__(*exc)
+        if self.teacher_capture is not None:
+            self.teacher_capture.__exit__(*exc)
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            sources: dict[str, torch.Tensor] = {"student.logits": self.model(inputs), "batch.labels": labels, "batch.inputs": inputs}
+            sources.update(self.student_capture.values)
+            self.student_capture.clear()
+            if self.runs_teacher:
+                assert self.teacher is not None and self.teacher_capture is not None
+                with torch.no_grad():
+                    sources["teacher.logits"] = self.teacher(inputs)
+                sources.update(self.teacher_capture.values)
+                self.teacher_capture.clear()
+        return sources
+
+    @torch.no_grad()
+    def probe_shapes(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """Shape of one sample of every source, from a forward pass in eval mode (no state changes)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with self:
+                sources = self(inputs, labels)
+        finally:
+            self.student.train(was_training)
+        return {name: tuple(value.shape[1:]) for name, value in sources.items()}
