@@ -1,0 +1,95 @@
+"""Forward + backward time of every registered logit loss, as a ratio to plain forward KL.
+
+    python benchmarks/losses.py [--rows 4096] [--classes 32000] [--repeats 5] [--out benchmarks/results/losses.json]
+
+Every loss runs on the same float32 logits [rows, classes] (plus labels, and features for losses
+that read them); each case is timed as the median of ``--repeats`` runs after one warm-up, all
+in one process, side by side, so the ratios are comparable even on a noisy shared machine.
+Prints a table and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distill.engine.context import cpu_name
+from distill.objective import DEFAULT_SOURCES, Objective, Term, tensor_arguments
+from distill.registry import LOSSES, load_builtins
+
+FEATURE_DIM = 256
+
+
+def make_sources(rows: int, classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "student.logits": torch.randn(rows, classes, generator=generator) * 3,
+        "teacher.logits": torch.randn(rows, classes, generator=generator) * 3,
+        "batch.labels": torch.randint(0, classes, (rows,), generator=generator),
+        "student.features": torch.randn(rows, FEATURE_DIM, generator=generator),
+        "teacher.features": torch.randn(rows, FEATURE_DIM, generator=generator),
+    }
+
+
+def time_term(name: str, sources: dict[str, torch.Tensor], classes: int, repeats: int) -> float | None:
+    loss = LOSSES.get(name).builder
+    required, _ = tensor_arguments(loss)
+    needed = [DEFAULT_SOURCES.get(argument) for argument in required]
+    if any(source is None or source not in sources for source in needed):
+        return None
+    if name == "margin_mse":  # pairs of scores, not class logits
+        return None
+    shapes = {source: tuple(tensor.shape[1:]) for source, tensor in sources.items()}
+    objective = Objective([Term(name, name)], num_classes=classes, source_shapes=shapes)
+    times = []
+    for repeat in range(repeats + 1):
+        inputs = dict(sources)
+        inputs["student.logits"] = sources["student.logits"].clone().requires_grad_(True)
+        inputs["student.features"] = sources["student.features"].clone().requires_grad_(True)
+        start = time.perf_counter()
+        objective(inputs).total.backward()
+        elapsed = time.perf_counter() - start
+        if repeat:  # the first run is a warm-up
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--classes", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/losses.json")
+    args = parser.parse_args()
+    load_builtins()
+    sources = make_sources(args.rows, args.classes, torch.Generator().manual_seed(0))
+    results = {}
+    for entry in LOSSES:
+        seconds = time_term(entry.name, sources, args.classes, args.repeats)
+        if seconds is not None:
+            results[entry.name] = seconds
+    baseline = results["forward_kl"]
+    print(f"forward + backward at [{args.rows}, {args.classes}] float32, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"{'loss':<24}{'seconds':>10}{'vs forward_kl':>16}")
+    for name, seconds in sorted(results.items(), key=lambda item: item[1]):
+        print(f"{name:<24}{seconds:>10.3f}{seconds / baseline:>15.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "shape": [args.rows, args.classes],
+        "threads": torch.get_num_threads(),
+        "machine": cpu_name(),
+        "torch": torch.__version__,
+        "seconds": results,
+        "ratio_to_forward_kl": {name: seconds / baseline for name, seconds in results.items()},
+    }, indent=2) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
