@@ -5,6 +5,8 @@ paper and equation in its docstring. Shared conventions (shapes, ``mask``, ``red
 are described in :mod:`distill.losses._common`.
 """
 
+from distill.losses.bdkd import bdkd
+from distill.losses.dac_kl import dac_kl
 from distill.losses.divergences import (
     forward_kl,
     generalized_jsd,
@@ -15,21 +17,34 @@ from distill.losses.divergences import (
     symmetric_kl,
     total_variation,
 )
+from distill.losses.dkd import dkd
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
 from distill.losses.logit_matching import logit_cosine, logit_mse
+from distill.losses.ranking import margin_mse
+from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
+from distill.losses.sinkhorn import sinkhorn
+from distill.losses.swing import swing_kd
 
 __all__ = [
+    "bdkd",
     "cross_entropy",
+    "dac_kl",
+    "dkd",
     "forward_kl",
     "generalized_jsd",
+    "gt_weighted_kd",
     "hinton_kd",
     "jensen_shannon",
     "kl_per_position",
     "logit_cosine",
     "logit_mse",
+    "margin_mse",
+    "optimal_ground_truth_weight",
     "reverse_kl",
+    "sinkhorn",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "swing_kd",
     "symmetric_kl",
     "total_variation",
 ]
