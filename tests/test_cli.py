@@ -97,6 +97,10 @@ def test_compare_variants_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "test accuracy (%), final epoch" in table and "best-val epoch" in table and "±" in table
     assert (folder / "compare.png").is_file()
     assert "T8" in out
+    # a later run reuses identical finished stages from the comparison instead of training them
+    assert main(["run", str(config), "--set", "seed=1", "--reuse", str(folder), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reused") == 2 and "stage teacher:" not in err  # nothing was trained
     # a bad variant is refused before anything runs
     experiment["compare"]["variants"]["broken"] = {"stages.distilled.epochs": 0}
     write_yaml(config, experiment)

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                      help="continue a stopped run: the newest run of this experiment, or RUN_DIR")
     run.add_argument("--no-progress", action="store_true", help="print evaluation lines instead of a progress bar")
+    run.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
+                     help="copy stages identical to finished ones in run folders under FOLDER instead of training them")
 
     compare = commands.add_parser("compare", help="run the experiment's variants over several seeds and tabulate")
     compare.add_argument("config", nargs="?", help="experiment YAML file")
@@ -57,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--resume", nargs="?", const="latest", metavar="FOLDER",
                          help="continue a stopped comparison: the newest one of this experiment, or FOLDER")
     compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
+                         help="copy stages identical to finished ones in run folders under FOLDER (e.g. an earlier comparison)")
 
     report = commands.add_parser("report", help="rebuild report.md (run folder) or compare.md (comparison folder)")
     report.add_argument("folder")
@@ -104,7 +108,11 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
         if not args.config:
             raise ConfigError(["give an experiment file: distill run EXP.yaml"])
         experiment = load_experiment(args.config, args.overrides)
-    result = run_experiment(experiment, run_dir=run_dir, callbacks=_progress(console, args.no_progress))
+    from distill.engine.compare import run_folders
+
+    result = run_experiment(
+        experiment, run_dir=run_dir, callbacks=_progress(console, args.no_progress), reuse_dirs=run_folders(args.reuse)
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         Console().print(final_rich_table(result.rows))
         Console().print(f"report: [bold]{result.run_dir / 'report.md'}[/bold]")
@@ -139,7 +147,7 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
     def announce(index: int, total: int, variant: str, seed: int) -> None:
         console.rule(f"run {index + 1}/{total}: variant {variant}, seed {seed}")
 
-    path = run_compare(plan, callbacks=_progress(console, args.no_progress), on_run=announce)
+    path = run_compare(plan, callbacks=_progress(console, args.no_progress), on_run=announce, reuse=args.reuse)
     result = json.loads((plan.folder / "compare.json").read_text())
     Console().print(compare_table(result))
     Console().print(f"table: [bold]{path}[/bold]")

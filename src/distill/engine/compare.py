@@ -129,22 +129,38 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
     return {"metric": metric, "rows": rows}
 
 
+def run_folders(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run folder (one with a ``stages/`` folder) at or below ``paths``."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"--reuse {path}: no such folder")
+        found += sorted({p.parent for p in path.rglob("stages") if p.is_dir()})
+    return found
+
+
 def run_compare(
-    plan: ComparePlan, *, callbacks: Iterable[Callback] = (), on_run: Any = None
+    plan: ComparePlan, *, callbacks: Iterable[Callback] = (), on_run: Any = None, reuse: Iterable[str | Path] = ()
 ) -> Path:
-    """Run (or resume) every run of ``plan``, then write compare.json, compare.md and compare.png."""
+    """Run (or resume) every run of ``plan``, then write compare.json, compare.md and compare.png.
+
+    Stages identical to a finished stage (same fingerprint: same configuration, data and seed)
+    in an earlier run of this comparison, or in a run folder under ``reuse``, are copied.
+    """
     from distill.engine.runner import run_experiment
     from distill.report.compare_report import build_compare_report
 
     plan.folder.mkdir(parents=True, exist_ok=True)
     callbacks = list(callbacks)
+    earlier = run_folders(reuse)
     finished: dict[int, list[Path]] = {}
     started = datetime.now()
     for index, (variant, seed, experiment, run_dir) in enumerate(plan.runs):
         if on_run is not None:
             on_run(index, len(plan.runs), variant, seed)
         if not (run_dir / "final.json").exists():
-            run_experiment(experiment, run_dir=run_dir, callbacks=callbacks, reuse_dirs=finished.get(seed, []))
+            run_experiment(experiment, run_dir=run_dir, callbacks=callbacks, reuse_dirs=finished.get(seed, []) + earlier)
         finished.setdefault(seed, []).append(run_dir)
     result = aggregate([(v, s, d) for v, s, _, d in plan.runs], plan.experiment.compare.stages, plan.experiment.compare.metric)
     result["experiment"] = plan.experiment.name
