@@ -18,15 +18,23 @@ from distill.losses.divergences import (
     total_variation,
 )
 from distill.losses.dkd import dkd
+from distill.losses.dual_head import DualHeadKD, binary_kl, binary_kl_norm
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
 from distill.losses.logit_matching import logit_cosine, logit_mse
 from distill.losses.ranking import margin_mse
 from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
 from distill.losses.sinkhorn import sinkhorn
 from distill.losses.swing import swing_kd
+from distill.losses.taid import TAID, taid_loss, taid_target
+from distill.losses.tgeo import TGeoKD
 
 __all__ = [
+    "DualHeadKD",
+    "TAID",
+    "TGeoKD",
     "bdkd",
+    "binary_kl",
+    "binary_kl_norm",
     "cross_entropy",
     "dac_kl",
     "dkd",
@@ -46,5 +54,7 @@ __all__ = [
     "skew_reverse_kl",
     "swing_kd",
     "symmetric_kl",
+    "taid_loss",
+    "taid_target",
     "total_variation",
 ]

@@ -1,7 +1,7 @@
 """Dual-Head Knowledge Distillation (DHKD): a logit-level loss on an auxiliary head.
 
 Reference: P. Yang, C.-C. Zong, S.-J. Huang, L. Feng, B. An, "Dual-Head Knowledge Distillation:
-Enhancing Logits Utilization with an Auxiliary Head", arXiv 2411.08937 (2024; KDD 2025); official
+Enhancing Logits Utilization with an Auxiliary Head", arXiv 2411.08937 (2024, revised 2025); official
 code: github.com/penghui-yang/DHKD (``distiller_zoo/BinaryKLNorm.py``, ``helper/loops.py``,
 ``models/classifier.py``).
 

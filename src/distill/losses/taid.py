@@ -7,13 +7,13 @@ official code: github.com/SakanaAI/TAID, ``src/distil_losses/taid.py``.
 The student is trained towards an intermediate distribution that starts near its own prediction
 and moves to the teacher's as the interpolation parameter ``t`` grows during training:
 
-* target (paper eq. for ``p_t``; official ``compute_loss``): the softmax of the interpolation of
+* target (the paper's ``p_t``; official ``compute_loss``): the softmax of the interpolation of
   the **logits**, with the student side detached::
 
       p_t = softmax((1 - t) * stopgrad(z_s) + t * z_t)
 
-* loss: ``J = KL(p_t || q_theta)``, ``q_theta = softmax(z_s)``, per position. The official code
-  evaluates the cross-entropy ``-sum p_t log q_theta`` (DistiLLM's ``forward_kl``), which differs
+* loss: the paper's ``J = KL(p_t || q_theta)``, ``q_theta = softmax(z_s)``, per position. The
+  official code evaluates the cross-entropy ``-sum p_t log q_theta`` (DistiLLM's ``forward_kl``), which differs
   from the KL by ``H(p_t)``: the same gradient (``p_t`` is detached), another value. ``form="kl"``
   (default) returns the KL, so a student equal to the teacher scores 0; ``form="cross_entropy"``
   returns the official code's value. The value matters beyond logging because it is what drives
@@ -33,7 +33,7 @@ and moves to the teacher's as the interpolation parameter ``t`` grows during tra
   so ``t`` never falls behind the linear schedule, grows faster while the loss falls quickly, and
   is non-decreasing and within ``[t_start, t_end]``. ``adaptive=False`` uses ``t_lin`` alone.
 
-Choices where the paper/code leave room, all documented and configurable:
+Choices where the paper and code leave room (configurable where they are knobs):
 
 * ``n`` is the number of optimizer steps done when :meth:`TAID.update` is called (the engine
   calls it after the step), so ``t_lin`` is the linear value for the step about to run; the

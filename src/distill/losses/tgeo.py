@@ -13,12 +13,15 @@ damp the influence of outliers). A small network ``f_omega`` maps the relations 
     L_i = alpha_i * KD_i + (1 - alpha_i) * CE_i,      alpha_i = sigmoid(f_omega(Delta_i))
     KD_i = T^2 KL(softmax(z_t,i / T) || softmax(z_s,i / T)),   CE_i = -log softmax(z_s,i)_{y_i}
 
-and ``omega`` is learned by bilevel optimization: the student minimizes the fused training loss
-(inner problem); ``omega`` minimizes the student's label loss on held-out data after the student's
-update (outer problem), the learning-to-reweight recipe of Ren et al. (2018) / Meta-Weight-Net.
+and ``omega`` is learned "in a bilevel-optimization manner" (abstract): the student minimizes the
+fused training loss (inner problem), ``omega`` the student's label loss on held-out data after the
+student's update (outer problem), the way sample re-weighting is learned in L2RW (Ren et al.,
+ICML 2018) and Meta-Weight-Net (Shu et al., NeurIPS 2019).
 
-What this implementation does (the paper's relation encoding and outer loop are reproduced as
-we read them; both are configurable):
+What the abstract fixes: the inputs (S, T, G and T̄, intra- and inter-sample relations), a simple
+network, a per-sample ratio, bilevel training. The precise encoding of the relations, the network
+and the outer step below are this implementation's choices (the full text and code were not at
+hand when it was written); each is configurable:
 
 * **Relations** ``Delta_i`` (``inter_sample=True``): the edge vectors of the points, on
   probabilities at temperature 1 and detached: ``S-T, S-G, T-G`` (intra) and ``S-T̄, T-T̄, G-T̄``
@@ -46,7 +49,9 @@ we read them; both are configurable):
   ``mean_{j in B} CE(z_j + Delta z_j, y_j)``. This is the one-step-lookahead meta-gradient
   restricted to the classifier layer and computed in closed form from the features, so it needs no
   access to the student's parameters. The outer term is attached as ``outer - stopgrad(outer)`` to
-  every valid position: it changes no value and no student gradient, only ``omega``'s. With
+  every valid position (so ``batchmean`` carries it once): it changes no value and no student
+  gradient, only ``omega``'s. ``meta_lr`` plays the student's learning rate in the lookahead; the
+  step also scales with ``|h|^2``, so lower it for large, unnormalised features. With
   ``ratio_training="none"`` ``omega`` is not trained (a fixed ratio network, e.g. for ablations).
 
 The value is always ``sum/mean_i alpha_i KD_i + (1 - alpha_i) CE_i``; positions whose label is
@@ -196,8 +201,9 @@ class TGeoKD(torch.nn.Module):
         """The fusion ratio ``alpha`` ``[...]`` for logits ``[..., C]`` and labels ``[...]`` (no state change)."""
         check_logits(student_logits, teacher_logits)
         leading = student_logits.shape[:-1]
-        rows = [as_float32(student_logits.reshape(-1, self.num_classes)), as_float32(teacher_logits.reshape(-1, self.num_classes))]
-        alpha = self.ratio_rows(rows[0], rows[1].to(rows[0].dtype), labels.reshape(-1))
+        student_rows = as_float32(student_logits.reshape(-1, self.num_classes))
+        teacher_rows = as_float32(teacher_logits.reshape(-1, self.num_classes)).to(student_rows.dtype)
+        alpha = self.ratio_rows(student_rows, teacher_rows, labels.reshape(-1).to(student_rows.device))
         return alpha.reshape(leading)
 
     # -- the outer (meta) objective -------------------------------------------------------------
@@ -248,7 +254,9 @@ class TGeoKD(torch.nn.Module):
             raise ValueError(f"the logits have {student_logits.shape[-1]} classes, TGeoKD was built for {self.num_classes}")
         leading_shape = student_logits.shape[:-1]
         if labels.shape != leading_shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' leading dims are {tuple(leading_shape)}")
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but the logits' leading dims are {tuple(leading_shape)}"
+            )
         if student_features.shape[:-1] != leading_shape:
             raise ValueError(
                 f"student_features {tuple(student_features.shape)} must have the logits' leading dims {tuple(leading_shape)}"
