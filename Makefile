@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# a reference implementation the tests compare against; its loss modules need only torch
+	$(BIN)/python -m pip install --quiet --no-deps torchdistill==1.1.5
 	touch $(STAMP)
 
 install: $(STAMP)
