@@ -189,3 +189,28 @@ def test_missing_weights_file_and_cpu_sync_batchnorm(tiny) -> None:
     text = "\n".join(problems_of(tiny))
     assert "models.teacher.weights: no such file: /nonexistent/teacher.safetensors" in text
     assert "training.sync_batchnorm: SyncBatchNorm needs CUDA devices" in text
+
+
+def test_an_experiment_can_extend_a_base_file(tmp_path: Path, tiny) -> None:
+    write_yaml(tmp_path / "base.yaml", tiny)
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        "base: base.yaml\n"
+        "name: child\n"
+        "optimizer: {lr: 0.01}\n"          # merged into the base's optimizer
+        "compare: {seeds: [4]}\n"
+    )
+    experiment = load_experiment(child)
+    assert experiment.name == "child" and experiment.optimizer.lr == 0.01
+    assert experiment.optimizer.name == "adamw"  # kept from the base
+    assert [s.name for s in experiment.stages] == ["teacher", "distilled"] and experiment.compare.seeds == [4]
+    # a problem in a key that comes from the base names the base file and its line
+    tiny["training"]["epochs"] = 0
+    write_yaml(tmp_path / "base.yaml", tiny)
+    [problem] = problems_of(child)
+    assert problem.startswith("base.yaml, line ") and "training.epochs: Input should be greater than or equal to 1" in problem
+    # cycles and missing bases are clear errors
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\nname: x\n")
+    assert "includes itself" in problems_of(tmp_path / "loop.yaml")[0]
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\nname: x\n")
+    assert "base: no such file" in problems_of(tmp_path / "orphan.yaml")[0]

@@ -66,11 +66,51 @@ def _node_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> No
             _node_lines(item, path + (index,), lines)
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    """Parse a YAML file safely; return the data and a map from key paths to line numbers."""
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in: mappings merge key by key, anything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[KeyPath, int | str]]:
+    """Parse an experiment file safely; return the data and where each key is written.
+
+    A top-level ``base: other.yaml`` (relative to this file) starts from that experiment and
+    merges this file's keys over it: mappings key by key, lists and values replaced whole. Keys
+    written in this file map to their line; keys that come from a base map to ``"<file>:<line>"``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"no such file: {path}"])
+    data, lines = _read_one(path)
+    if "base" not in data:
+        return data, dict(lines)
+    base_name = data.pop("base")
+    if not isinstance(base_name, str):
+        raise ConfigError([f"line {lines.get(('base',), '?')}: base: expected a file name, got {base_name!r}"], str(path))
+    base_path = (path.parent / base_name).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError([f"base: {base_name} includes itself (a cycle of base files)"], str(path))
+    if not base_path.is_file():
+        raise ConfigError([f"line {lines.get(('base',), '?')}: base: no such file: {base_path}"], str(path))
+    base_data, base_lines = read_yaml(base_path, _seen + (path.resolve(),))
+    located: dict[KeyPath, int | str] = {
+        key: (f"{base_path.name}:{line}" if isinstance(line, int) else line) for key, line in base_lines.items()
+    }
+    for key in [k for k in located if k and k[0] in data]:
+        # a top-level section this file writes: its own lines win where it writes them
+        if key in lines or not isinstance(data.get(key[0]), dict):
+            del located[key]
+    located.update({key: line for key, line in lines.items() if key != ("base",)})
+    return deep_merge(base_data, data), located
+
+
+def _read_one(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     text = path.read_text(encoding="utf-8")
     try:
         node = yaml.compose(text, Loader=_LineLoader)
@@ -238,6 +278,8 @@ def line_of(path: KeyPath, lines: dict[KeyPath, int | str]) -> int | str | None:
 def describe(path: KeyPath, message: str, lines: dict[KeyPath, int | str]) -> str:
     where = line_of(path, lines) if lines else None
     prefix = f"line {where}: " if isinstance(where, int) else (f"{where}: " if where else "")
+    if isinstance(where, str) and ":" in where and not where.startswith("--set"):
+        prefix = f"{where.replace(':', ', line ', 1)}: "  # a key from a base file
     return f"{prefix}{format_path(path)}: {message}"
 
 
@@ -298,8 +340,7 @@ def experiment_from_dict(
 
 def load_raw(path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], dict[KeyPath, int | str]]:
     """The experiment file as a dict with overrides applied, plus where each key was written."""
-    data, lines = read_yaml(path)
-    located: dict[KeyPath, int | str] = dict(lines)
+    data, located = read_yaml(path)
     return apply_overrides(data, list(overrides), located), located
 
 
