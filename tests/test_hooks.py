@@ -19,9 +19,9 @@ from distill.objective import Objective, Term
 class ProjectedFeatureMSE(torch.nn.Module):
     """Test loss: MSE between a learned projection of student features and the teacher's features."""
 
-    def __init__(self, *, source_shapes: dict, scale: float = 1.0) -> None:
+    def __init__(self, *, input_shapes: dict, scale: float = 1.0) -> None:
         super().__init__()
-        self.projection = torch.nn.Linear(source_shapes["student.features"][0], source_shapes["teacher.features"][0])
+        self.projection = torch.nn.Linear(input_shapes["student_features"][0], input_shapes["teacher_features"][0])
         self.scale = scale
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_value", torch.zeros((), dtype=torch.float64))
@@ -72,9 +72,9 @@ def test_capture_records_inputs_and_outputs_and_removes_hooks() -> None:
 
 def test_module_loss_in_an_objective() -> None:
     term = Term("proj", ProjectedFeatureMSE, params={"scale": 2.0})
-    assert term.injected_arguments() == {"source_shapes"}
+    assert term.injected_arguments() == {"input_shapes"}
     assert term.sources == {"student_features": "student.features", "teacher_features": "teacher.features"}
-    with pytest.raises(ValueError, match="needs `source_shapes`"):
+    with pytest.raises(ValueError, match="needs the shapes of its inputs"):
         Objective([term])
     objective = Objective([term], source_shapes={"student.features": (4,), "teacher.features": (6,)})
     assert sum(p.numel() for p in objective.parameters()) == 4 * 6 + 6

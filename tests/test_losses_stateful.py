@@ -246,16 +246,19 @@ def test_binary_kl_losses_match_numpy() -> None:
     assert float(value) == pytest.approx(0.5 * math.log(0.5 / s2) + 0.5 * math.log(0.5 / (1 - s2)), rel=1e-6)
 
 
-def test_dual_head_builds_its_head_from_the_source_shapes() -> None:
-    module = DualHeadKD(num_classes=7, source_shapes={"student.features": (12,), "teacher.features": (30,)})
+def test_dual_head_builds_its_head_from_the_input_shapes() -> None:
+    module = DualHeadKD(num_classes=7, input_shapes={"student_features": (12,), "teacher_logits": (7,)})
     assert tuple(module.aux_head.weight.shape) == (7, 12) and tuple(module.aux_head.bias.shape) == (7,)
-    nonlinear = DualHeadKD(num_classes=7, source_shapes={"student.features": (12,)}, aux_head="nonlinear", aux_hidden=20)
+    nonlinear = DualHeadKD(num_classes=7, input_shapes={"student_features": (12,)}, aux_head="nonlinear", aux_hidden=20)
     shapes = [tuple(p.shape) for p in nonlinear.aux_head.parameters()]
     assert shapes == [(20, 12), (20,), (20,), (20,), (7, 20), (7,)]
-    with pytest.raises(ValueError, match="not among the sources"):
-        DualHeadKD(num_classes=7, source_shapes={"student.blocks.0.output": (12,)})
+    # the head follows whatever source the term wires to student_features
+    term = Term("dhkd", DualHeadKD, inputs={"student_features": "student.blocks.0.output"})
+    objective = Objective([term], num_classes=7, source_shapes={
+        "student.blocks.0.output": (5,), "student.logits": (7,), "teacher.logits": (7,)})
+    assert tuple(objective.losses["dhkd"].aux_head.weight.shape) == (7, 5)
     term = Term("dhkd", DualHeadKD)
-    assert term.injected_arguments() == {"num_classes", "source_shapes"}
+    assert term.injected_arguments() == {"num_classes", "input_shapes"}
     assert term.sources == {
         "student_features": "student.features",
         "student_logits": "student.logits",
@@ -265,7 +268,7 @@ def test_dual_head_builds_its_head_from_the_source_shapes() -> None:
 
 def test_dual_head_value_matches_an_independent_computation() -> None:
     torch.manual_seed(5)
-    module = DualHeadKD(num_classes=6, source_shapes={"student.features": (9,)}, kd_weight=0.3, logit_weight=0.7).double()
+    module = DualHeadKD(num_classes=6, input_shapes={"student_features": (9,)}, kd_weight=0.3, logit_weight=0.7).double()
     features, student, teacher = torch.randn(2, 4, 9, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
     weight, bias = module.aux_head.weight.detach().numpy(), module.aux_head.bias.detach().numpy()
     aux = features.numpy() @ weight.T + bias
@@ -280,7 +283,7 @@ def test_dual_head_logit_loss_reaches_backbone_and_aux_head_but_not_the_main_hea
     torch.manual_seed(6)
     backbone = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU())
     main_head = torch.nn.Linear(8, 4)
-    module = DualHeadKD(num_classes=4, source_shapes={"student.features": (8,)})
+    module = DualHeadKD(num_classes=4, input_shapes={"student_features": (8,)})
     x, teacher = torch.randn(10, 5), torch.randn(10, 4)
     features = backbone(x)
     logits = main_head(features)
@@ -292,7 +295,7 @@ def test_dual_head_logit_loss_reaches_backbone_and_aux_head_but_not_the_main_hea
     # with the optional main-head KL, the main head's gradient is exactly that of Hinton KD alone
     for p in [*backbone.parameters(), *main_head.parameters(), *module.parameters()]:
         p.grad = None
-    with_kd = DualHeadKD(num_classes=4, source_shapes={"student.features": (8,)}, kd_weight=0.5, kd_temperature=3.0)
+    with_kd = DualHeadKD(num_classes=4, input_shapes={"student_features": (8,)}, kd_weight=0.5, kd_temperature=3.0)
     features = backbone(x)
     logits = main_head(features)
     with_kd(features, logits, teacher).backward()
@@ -304,14 +307,14 @@ def test_dual_head_logit_loss_reaches_backbone_and_aux_head_but_not_the_main_hea
 
 def test_dual_head_gradcheck_and_mask_contract() -> None:
     torch.manual_seed(7)
-    module = DualHeadKD(num_classes=5, source_shapes={"student.features": (6,)}, kd_weight=0.4).double()
+    module = DualHeadKD(num_classes=5, input_shapes={"student_features": (6,)}, kd_weight=0.4).double()
     features = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     student = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(3, 4, 5, dtype=torch.float64)
     mask = torch.rand(3, 4) > 0.3
     assert torch.autograd.gradcheck(lambda f, s: module(f, s, teacher, mask=mask), (features, student))
     for kind in ("linear", "nonlinear"):
-        head = DualHeadKD(num_classes=5, source_shapes={"student.features": (6,)}, aux_head=kind, kd_weight=0.2)
+        head = DualHeadKD(num_classes=5, input_shapes={"student_features": (6,)}, aux_head=kind, kd_weight=0.2)
         f = torch.randn(3, 4, 6, requires_grad=True)
         s = torch.randn(3, 4, 5, requires_grad=True)
         dirty = f.detach().clone()

@@ -15,7 +15,8 @@ a learned head, an adaptive schedule). For a function, the tensor arguments are 
 parameters and its keyword-only parameters are hyper-parameters set from ``params`` in YAML. For
 a class, the tensor arguments are the positional parameters of ``forward`` and the
 hyper-parameters are the keyword-only parameters of ``__init__``; ``__init__`` may also ask for
-``num_classes`` and ``source_shapes`` (source -> shape of one sample), which the objective
+``num_classes`` and ``input_shapes`` (tensor argument -> shape of one sample, e.g.
+``{"student_features": (64,)}``, whatever source the argument reads), which the objective
 supplies. A module loss may define ``update(step=..., total_steps=..., value=...)``: the engine
 calls it after every optimizer step with the term's value averaged over that step (and over
 processes), which is how schedules that adapt to training progress (TAID) move.
@@ -60,7 +61,7 @@ DEFAULT_SOURCES: dict[str, str] = {
 KNOWN_SOURCES: tuple[str, ...] = ("student.logits", "teacher.logits", "batch.labels", "batch.inputs")
 """Sources every stage provides (teacher ones when it has a teacher); feature sources come on top."""
 
-INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "source_shapes")
+INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "input_shapes")
 """Constructor arguments of module losses that the objective supplies itself."""
 
 
@@ -89,7 +90,7 @@ def hyperparameters(loss: Any) -> dict[str, Any]:
     """Hyper-parameters of a loss (set from YAML ``params``) and their defaults.
 
     Keyword-only parameters of a function, or of a module loss's ``__init__``. ``mask``,
-    ``reduction`` and the injected ``num_classes`` / ``source_shapes`` are left out.
+    ``reduction`` and the injected ``num_classes`` / ``input_shapes`` are left out.
     """
     signature = inspect.signature(loss.__init__ if is_module_loss(loss) else loss)
     excluded = {"mask", "reduction", *INJECTED_ARGUMENTS}
@@ -135,7 +136,7 @@ class Term:
     """One weighted term: ``weight * loss(**{arg: sources[source]}, **params)``.
 
     ``loss`` is a registered name, a function, or an ``nn.Module`` class (built by
-    :class:`Objective`, which supplies ``num_classes`` / ``source_shapes`` if asked for).
+    :class:`Objective`, which supplies ``num_classes`` / ``input_shapes`` if asked for).
     """
 
     name: str
@@ -164,7 +165,7 @@ class Term:
         return is_module_loss(self.fn)
 
     def injected_arguments(self) -> set[str]:
-        """Which of ``num_classes`` / ``source_shapes`` the module loss's constructor asks for."""
+        """Which of ``num_classes`` / ``input_shapes`` the module loss's constructor asks for."""
         if not self.is_module:
             return set()
         accepted, _ = accepted_parameters(self.fn.__init__)
@@ -184,7 +185,9 @@ class Objective(torch.nn.Module):
 
     It is an ``nn.Module``: the module losses among its terms (learned heads, adaptive
     schedules) live in ``self.losses`` and are trained, moved and checkpointed with the student.
-    ``num_classes`` and ``source_shapes`` are given to module losses whose constructor asks.
+    Module losses whose constructor asks get ``num_classes`` and ``input_shapes`` (the shape of
+    one sample of each tensor argument, looked up in ``source_shapes`` through the term's
+    sources).
     """
 
     def __init__(
@@ -203,15 +206,21 @@ class Objective(torch.nn.Module):
             raise ValueError(f"objective term names must be unique; repeated: {', '.join(duplicates)}")
         self.terms = terms
         self.losses = torch.nn.ModuleDict()
-        available = {"num_classes": num_classes, "source_shapes": dict(source_shapes) if source_shapes is not None else None}
         for term in terms:
             if not term.is_module:
                 continue
-            injected = {}
-            for argument in term.injected_arguments():
-                if available[argument] is None:
-                    raise ValueError(f"term '{term.name}': the loss needs `{argument}` to be built; pass it to Objective")
-                injected[argument] = available[argument]
+            injected: dict[str, Any] = {}
+            wanted = term.injected_arguments()
+            if "num_classes" in wanted:
+                if num_classes is None:
+                    raise ValueError(f"term '{term.name}': the loss needs `num_classes` to be built; pass it to Objective")
+                injected["num_classes"] = num_classes
+            if "input_shapes" in wanted:
+                if source_shapes is None:
+                    raise ValueError(f"term '{term.name}': the loss needs the shapes of its inputs; pass source_shapes to Objective")
+                injected["input_shapes"] = {
+                    arg: tuple(source_shapes[src]) for arg, src in term.sources.items() if src in source_shapes
+                }
             self.losses[term.name] = term.fn(**term.params, **injected)
 
     @staticmethod

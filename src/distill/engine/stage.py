@@ -146,7 +146,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     terms = Objective.terms_from_spec(stage.objective)
     forward = ForwardPass(student.to(device), teacher, {s for t in terms for s in t.sources.values()}, autocast)
     source_shapes = None
-    if any("source_shapes" in term.injected_arguments() for term in terms):
+    if any("input_shapes" in term.injected_arguments() for term in terms):
         source_shapes = forward.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).

@@ -45,7 +45,8 @@ What :class:`DualHeadKD` returns, per position::
 * The official code can also align the two losses' gradients with a PCGrad-style projection in
   the optimizer (``--ga``); that is an optimizer change and is not part of this loss.
 
-The head is built from ``source_shapes[features_source]`` (last dim = ``D``) and ``num_classes``;
+The head is built from ``input_shapes["student_features"]`` (last dim = ``D``, whatever source the
+term's ``student_features`` reads) and ``num_classes``;
 it lives in the objective (trained with the student, checkpointed under ``objective.losses.``),
 not in the student, so the exported student has no trace of it.
 """
@@ -169,7 +170,7 @@ class DualHeadKD(torch.nn.Module):
         self,
         *,
         num_classes: int,
-        source_shapes: Mapping[str, tuple[int, ...]],
+        input_shapes: Mapping[str, tuple[int, ...]],
         logit_loss: str = "binary_kl_norm",
         temperature: float = 2.0,
         logit_weight: float = 1.0,
@@ -178,7 +179,6 @@ class DualHeadKD(torch.nn.Module):
         aux_head: str = "linear",
         aux_hidden: int = 200,
         aux_dropout: float = 0.1,
-        features_source: str = "student.features",
     ) -> None:
         super().__init__()
         if logit_loss not in LOGIT_LOSSES:
@@ -189,14 +189,11 @@ class DualHeadKD(torch.nn.Module):
         check_temperature(kd_temperature)
         if logit_weight < 0 or kd_weight < 0:
             raise ValueError(f"logit_weight and kd_weight must be >= 0, got {logit_weight} and {kd_weight}")
-        if features_source not in source_shapes:
-            raise ValueError(
-                f"DualHeadKD builds its auxiliary head from the shape of '{features_source}', which is not among "
-                f"the sources ({', '.join(sorted(source_shapes))}); set features_source to the source of student_features"
-            )
-        shape = tuple(source_shapes[features_source])
+        if "student_features" not in input_shapes:
+            raise ValueError("DualHeadKD needs the shape of student_features to size its auxiliary head")
+        shape = tuple(input_shapes["student_features"])
         if not shape:
-            raise ValueError(f"'{features_source}' has no feature dimension (shape {shape})")
+            raise ValueError(f"student_features has no feature dimension (shape {shape})")
         self.in_features = int(shape[-1])
         self.num_classes = int(num_classes)
         self.logit_loss = logit_loss
