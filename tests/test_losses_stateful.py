@@ -494,3 +494,10 @@ def test_the_three_train_in_a_tiny_experiment_and_checkpoint_their_state(tmp_pat
     assert t_values == sorted(t_values) and t_values[-1] > t_values[0] > 0.2
     student = load_file(str(run_dir / "stages" / "distilled" / "model.safetensors"))
     assert not any(k.startswith("objective") for k in student)
+
+
+def test_tgeo_ratio_skips_ignored_labels() -> None:
+    module = TGeoKD(num_classes=4)
+    torch.manual_seed(0)
+    alpha = module.ratio(torch.randn(3, 4), torch.randn(3, 4), torch.tensor([1, -100, 2]))
+    assert torch.isnan(alpha[1]) and bool(((alpha[[0, 2]] > 0) & (alpha[[0, 2]] < 1)).all())

@@ -37,8 +37,10 @@ hand when it was written); each is configurable:
   detached (the ratio is an input of the student's loss, as in Meta-Weight-Net), so the fused loss
   cannot train ``omega`` towards the trivially smaller loss.
 * **Outer problem** (``ratio_training="lookahead"``): run inside the one training loop, without a
-  validation loader. Each batch's valid positions are split: the last ``ceil(meta_fraction * P)``
-  serve as the held-out (meta) set ``B``, the others ``A`` as the inner batch. The student's
+  validation loader. Each batch's valid positions are split, for the lookahead only: the last
+  ``ceil(meta_fraction * P)`` serve as the meta set ``B``, the others ``A`` as the lookahead's
+  inner batch. ``B`` is held out from the lookahead step, not from training: the student's own
+  fused loss still covers every valid position, ``B`` included, in the same step. The student's
   update is approximated by one SGD step of size ``meta_lr`` on its last linear layer (weights and
   bias), which moves held-out logits by::
 
@@ -198,12 +200,19 @@ class TGeoKD(torch.nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor,
     ) -> torch.Tensor:
-        """The fusion ratio ``alpha`` ``[...]`` for logits ``[..., C]`` and labels ``[...]`` (no state change)."""
+        """The fusion ratio ``alpha`` ``[...]`` for logits ``[..., C]`` and labels ``[...]`` (no state change).
+
+        Positions whose label is ``ignore_index`` have no ratio: they get ``nan``.
+        """
         check_logits(student_logits, teacher_logits)
         leading = student_logits.shape[:-1]
         student_rows = as_float32(student_logits.reshape(-1, self.num_classes))
         teacher_rows = as_float32(teacher_logits.reshape(-1, self.num_classes)).to(student_rows.dtype)
-        alpha = self.ratio_rows(student_rows, teacher_rows, labels.reshape(-1).to(student_rows.device))
+        label_rows = labels.reshape(-1).to(student_rows.device)
+        valid = label_rows != self.ignore_index
+        alpha = student_rows.new_full(label_rows.shape, float("nan"))
+        if bool(valid.any()):
+            alpha[valid] = self.ratio_rows(student_rows[valid], teacher_rows[valid], label_rows[valid])
         return alpha.reshape(leading)
 
     # -- the outer (meta) objective -------------------------------------------------------------
