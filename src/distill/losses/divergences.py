@@ -92,7 +92,7 @@ def forward_kl(
     """Forward (mode-covering) KL divergence ``KL(p || q) = sum_c p_c (log p_c - log q_c)``.
 
     ``p = softmax(z_t / T)`` is the teacher, ``q = softmax(z_s / T)`` the student (Kullback &
-    Leibler 1951; the soft-target term of Hinton et al. 2015 eq. 2 without its ``T^2`` factor).
+    Leibler 1951; the soft-target term of Hinton et al. 2015, section 2, without its ``T^2`` factor).
     Per position, clamped at 0; teacher detached; float32.
     """
     log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)

@@ -41,7 +41,7 @@ def hinton_kd(
     mask: torch.Tensor | None = None,
     reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Knowledge distillation loss of Hinton et al. (2015), eq. 2 with the T^2 factor of section 2.
+    """Knowledge distillation loss of Hinton et al. (2015), section 2: the soft-target term with its T^2 factor.
 
     ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` per position, where ``z_s, z_t`` are the
     student and teacher logits ``[..., C]``. The ``T^2`` factor keeps the gradient magnitude of the
