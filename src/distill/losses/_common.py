@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 Reduction = Literal["batchmean", "sum", "none"]
 REDUCTIONS: tuple[str, ...] = ("batchmean", "sum", "none")
@@ -93,3 +94,33 @@ def count_valid(mask: torch.Tensor | None, leading_shape: torch.Size) -> int:
 def check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def log_probs_of_valid_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Size]:
+    """Checked inputs -> (student log q, teacher log p) at temperature T on the valid rows ``[P, C]``
+    (float32; the teacher detached), the checked mask, and the logits' leading shape."""
+    check_logits(student_logits, teacher_logits)
+    check_temperature(temperature)
+    leading_shape = student_logits.shape[:-1]
+    mask = valid_mask(mask, leading_shape, student_logits.device)
+    student_rows, teacher_rows = valid_rows(
+        mask, student_logits, teacher_logits.detach(), leading_dims=len(leading_shape)
+    )
+    student_log_probs = F.log_softmax(as_float32(student_rows) / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(as_float32(teacher_rows) / temperature, dim=-1)
+    return student_log_probs, teacher_log_probs, mask, leading_shape
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last dim, clamped at 0.
+
+    ``p = exp(log_p)``. Where ``p_c`` underflows to 0 the term is exactly 0 (the log
+    probabilities are finite for finite logits, so no ``0 * inf``). The clamp removes the tiny
+    negative values that rounding can produce when the two distributions are equal.
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)

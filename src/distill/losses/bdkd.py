@@ -7,16 +7,8 @@ Divergences for Online Knowledge Distillation", arXiv 2212.12965 (v1 2022, v2 20
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from distill.losses._common import (
-    as_float32,
-    check_logits,
-    check_temperature,
-    reduce_rows,
-    valid_mask,
-    valid_rows,
-)
+from distill.losses._common import kl_rows, log_probs_of_valid_rows, reduce_rows
 from distill.registry import LOSSES
 
 
@@ -74,17 +66,11 @@ def bdkd(
     detached. Both KLs are ``>= 0`` and vanish when the distributions are equal, so the loss does
     too. Float32; see :mod:`distill.losses._common` for ``mask`` and ``reduction``.
     """
-    check_logits(student_logits, teacher_logits)
-    check_temperature(temperature)
-    leading_shape = student_logits.shape[:-1]
-    mask = valid_mask(mask, leading_shape, student_logits.device)
-    student_rows, teacher_rows = valid_rows(
-        mask, student_logits, teacher_logits.detach(), leading_dims=len(leading_shape)
+    student_log_probs, teacher_log_probs, mask, leading_shape = log_probs_of_valid_rows(
+        student_logits, teacher_logits, temperature, mask
     )
-    student_log_probs = F.log_softmax(as_float32(student_rows) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(as_float32(teacher_rows) / temperature, dim=-1)
-    forward = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1).clamp_min(0.0)
-    reverse = (student_log_probs.exp() * (student_log_probs - teacher_log_probs)).sum(dim=-1).clamp_min(0.0)
+    forward = kl_rows(teacher_log_probs, student_log_probs)
+    reverse = kl_rows(student_log_probs, teacher_log_probs)
     student_entropy = entropy(student_log_probs.detach() if detach_weights else student_log_probs)
     w_forward, w_reverse = balance_weights(student_entropy, entropy(teacher_log_probs))
     per_row = (w_forward * forward + w_reverse * reverse) * (temperature**2)

@@ -25,37 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from distill.losses._common import (
-    as_float32,
-    check_logits,
-    check_temperature,
-    reduce_rows,
-    valid_mask,
-    valid_rows,
-)
+from distill.losses._common import log_probs_of_valid_rows, reduce_rows
 from distill.losses.kd import kl_per_position
 from distill.registry import LOSSES
-
-
-def _log_probs(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Size]:
-    """Checked inputs -> (student log q, teacher log p) on the valid rows ``[P, C]``, the mask, the leading shape."""
-    check_logits(student_logits, teacher_logits)
-    check_temperature(temperature)
-    leading_shape = student_logits.shape[:-1]
-    mask = valid_mask(mask, leading_shape, student_logits.device)
-    student_rows, teacher_rows = valid_rows(
-        mask, student_logits, teacher_logits.detach(), leading_dims=len(leading_shape)
-    )
-    student_log_probs = F.log_softmax(as_float32(student_rows) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(as_float32(teacher_rows) / temperature, dim=-1)
-    return student_log_probs, teacher_log_probs, mask, leading_shape
 
 
 def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -95,7 +68,7 @@ def forward_kl(
     Leibler 1951; the soft-target term of Hinton et al. 2015, section 2, without its ``T^2`` factor).
     Per position, clamped at 0; teacher detached; float32.
     """
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     return reduce_rows(kl_per_position(log_p, log_q), mask, leading_shape, reduction)
 
 
@@ -114,7 +87,7 @@ def reverse_kl(
     distillation by Gu et al. 2024, MiniLLM, and Agarwal et al. 2024, GKD). Per position, clamped
     at 0; teacher detached; float32; no ``T^2`` factor.
     """
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     return reduce_rows(kl_per_position(log_q, log_p), mask, leading_shape, reduction)
 
 
@@ -133,7 +106,7 @@ def symmetric_kl(
     (scale with the term's weight for the average). ``p`` teacher, ``q`` student at temperature
     ``T``; each direction clamped at 0 per position; no ``T^2`` factor.
     """
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     per_row = kl_per_position(log_p, log_q) + kl_per_position(log_q, log_p)
     return reduce_rows(per_row, mask, leading_shape, reduction)
 
@@ -153,7 +126,7 @@ def jensen_shannon(
     probability space. Symmetric in ``p`` and ``q``, bounded by ``log 2``; the square of SciPy's
     ``jensenshannon`` distance. Equals :func:`generalized_jsd` at ``beta = 0.5``.
     """
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     log_m = log_mixture(log_p, log_q, 0.5)
     per_row = 0.5 * kl_per_position(log_p, log_m) + 0.5 * kl_per_position(log_q, log_m)
     return reduce_rows(per_row, mask, leading_shape, reduction)
@@ -190,7 +163,7 @@ def generalized_jsd(
     endpoints). ``beta = 0.5`` is :func:`jensen_shannon`. ``beta`` outside ``[0, 1]`` raises.
     """
     _check_unit_interval("beta", beta, include_one=True)
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     if beta == 0.0:
         per_row = kl_per_position(log_p, log_q)
     elif beta == 1.0:
@@ -225,7 +198,7 @@ def skew_forward_kl(
     identically 0).
     """
     _check_unit_interval("alpha", alpha, include_one=False)
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     log_m = log_mixture(log_p, log_q, alpha)
     return reduce_rows(kl_per_position(log_p, log_m), mask, leading_shape, reduction)
 
@@ -251,7 +224,7 @@ def skew_reverse_kl(
     ``alpha = 0`` is :func:`reverse_kl`; ``alpha`` must be in ``[0, 1)``.
     """
     _check_unit_interval("alpha", alpha, include_one=False)
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     log_m = log_mixture(log_q, log_p, alpha)
     return reduce_rows(kl_per_position(log_q, log_m), mask, leading_shape, reduction)
 
@@ -271,6 +244,6 @@ def total_variation(
     2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation", and in DistiLLM's
     code as ``tv_distance``). Symmetric; teacher detached; float32.
     """
-    log_q, log_p, mask, leading_shape = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_q, log_p, mask, leading_shape = log_probs_of_valid_rows(student_logits, teacher_logits, temperature, mask)
     per_row = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     return reduce_rows(per_row, mask, leading_shape, reduction)

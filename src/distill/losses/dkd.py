@@ -13,6 +13,7 @@ from distill.losses._common import (
     as_float32,
     check_logits,
     check_temperature,
+    kl_rows,
     reduce_rows,
     valid_mask,
     valid_rows,
@@ -54,12 +55,12 @@ def decoupled_terms(
         return torch.cat([log_target, log_other], dim=-1)
 
     student_binary, teacher_binary = binary(student_log_probs), binary(teacher_log_probs)
-    tckd = (teacher_binary.exp() * (teacher_binary - student_binary)).sum(dim=-1).clamp_min(0.0)
+    tckd = kl_rows(teacher_binary, student_binary)
 
     other = ~target
     student_other = F.log_softmax(student_logits[other].reshape(rows, classes - 1) / temperature, dim=-1)
     teacher_other = F.log_softmax(teacher_logits[other].reshape(rows, classes - 1) / temperature, dim=-1)
-    nckd = (teacher_other.exp() * (teacher_other - student_other)).sum(dim=-1).clamp_min(0.0)
+    nckd = kl_rows(teacher_other, student_other)
     return tckd, nckd
 
 

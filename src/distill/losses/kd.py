@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from distill.losses._common import (
     as_float32,
     check_logits,
-    check_temperature,
+    kl_rows,
+    log_probs_of_valid_rows,
     reduce_rows,
     valid_mask,
     valid_rows,
@@ -19,15 +20,8 @@ from distill.losses._common import (
 from distill.registry import LOSSES
 
 
-def kl_per_position(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last dim, clamped at 0.
-
-    ``p = exp(teacher_log_probs)``. Where ``p_c`` underflows to 0 the term is exactly 0 (the log
-    probabilities are finite for finite logits, so no ``0 * inf``). The clamp removes the tiny
-    negative values that rounding can produce when the two distributions are equal.
-    """
-    teacher_probs = teacher_log_probs.exp()
-    return (teacher_probs * (teacher_log_probs - student_log_probs)).sum(dim=-1).clamp_min(0.0)
+kl_per_position = kl_rows
+"""``KL(p || q)`` per row from log probabilities (see :func:`distill.losses._common.kl_rows`)."""
 
 
 @LOSSES.register(
@@ -49,14 +43,10 @@ def hinton_kd(
     produced by the soft targets scale as 1/T^2"). The teacher is detached; the value is computed
     in float32. See :mod:`distill.losses._common` for ``mask`` and ``reduction``.
     """
-    check_logits(student_logits, teacher_logits)
-    check_temperature(temperature)
-    leading_shape = student_logits.shape[:-1]
-    mask = valid_mask(mask, leading_shape, student_logits.device)
-    student_rows, teacher_rows = valid_rows(mask, student_logits, teacher_logits.detach(), leading_dims=len(leading_shape))
-    student_log_probs = F.log_softmax(as_float32(student_rows) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(as_float32(teacher_rows) / temperature, dim=-1)
-    per_row = kl_per_position(teacher_log_probs, student_log_probs) * (temperature**2)
+    student_log_probs, teacher_log_probs, mask, leading_shape = log_probs_of_valid_rows(
+        student_logits, teacher_logits, temperature, mask
+    )
+    per_row = kl_rows(teacher_log_probs, student_log_probs) * (temperature**2)
     return reduce_rows(per_row, mask, leading_shape, reduction)
 
 
