@@ -108,7 +108,20 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
                     split = "val" if "val" in record else "test"
                     curves.setdefault(key, {}).setdefault(record["epoch"], []).append(record[split].get(metric))
     rows = []
+    variants = list(dict.fromkeys(variant for variant, _ in table))
+    shared = set()
+    for name in dict.fromkeys(name for _, name in table):
+        buckets = [table.get((variant, name)) for variant in variants]
+        # A model every variant trained identically (a reused teacher) is one row, not one per variant.
+        if len(variants) > 1 and all(b is not None for b in buckets) and all(
+            b["final"] == buckets[0]["final"] and b["best"] == buckets[0]["best"] for b in buckets
+        ):
+            shared.add(name)
     for (variant, name), bucket in table.items():
+        if name in shared:
+            if variant != variants[0]:
+                continue
+            variant = "(all)"
         rows.append(
             {
                 "variant": variant,

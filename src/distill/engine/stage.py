@@ -192,11 +192,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         )
         context.callbacks.on_message(f"stage '{stage.name}': resumed from {latest.name} (step {step})")
 
-    augment_seed = derive_seed(experiment.seed, "augment")
     order_seed = derive_seed(experiment.seed, "data")
-    data = context.data
-    # Crops pad with a black pixel as the model sees it after normalization.
-    pad_fill = None if data.mean is None else -data.mean / data.std
+    load_batch = _batch_loader(context, device)
     teacher_predictions: dict[str, torch.Tensor] = {}
     if teacher is not None:
         for split_name, split in (("val", context.data.val), ("test", context.data.test)):
@@ -239,13 +236,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 step_samples = sum(len(b) for b in group)
                 step_sums = {term.name: 0.0 for term in terms}
                 for micro_index, indices in enumerate(local_groups):
-                    inputs = train.inputs[indices]
-                    if experiment.data.augment.random_crop or experiment.data.augment.hflip:
-                        inputs = augment_batch(
-                            inputs, indices, epoch=epoch, seed=augment_seed, spec=experiment.data.augment, fill=pad_fill
-                        )
-                    inputs = inputs.to(device)
-                    labels = train.labels[indices].to(device)
+                    inputs, labels = load_batch(indices, epoch)
                     last = micro_index == len(local_groups) - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                     with sync:
@@ -282,11 +273,13 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_position += len(group)
+                local_samples = sum(len(i) for i in local_groups)
                 if objective.updatable:
-                    objective.update(step=step, total_steps=plan.total_steps, values=_step_means(context, step_sums, sum(len(i) for i in local_groups)))
+                    step_means = _step_means(context, step_sums, local_samples)
+                    objective.update(step=step, total_steps=plan.total_steps, values=step_means)
 
                 if context.is_main:
-                    step_loss = sum(step_sums[t.name] * t.weight for t in terms) / max(1, sum(len(i) for i in local_groups))
+                    step_loss = sum(step_sums[t.name] * t.weight for t in terms) / max(1, local_samples)
                     context.callbacks.on_step(stage.name, step, plan.total_steps, {"loss": step_loss, "epoch": epoch + 1})
                 if step % experiment.logging.every_steps == 0 or step == plan.total_steps:
                     _log_window(context, stage, window, step, epoch, scheduler, grad_norm)
@@ -311,6 +304,25 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     summary = _finish(context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started)
     context.callbacks.on_stage_end(stage.name, summary)
     return summary
+
+
+def _batch_loader(context: RunContext, device: torch.device) -> Any:
+    """``load(indices, epoch) -> (inputs, labels)`` of training samples, augmented, on ``device``.
+
+    Augmentation is a function of (seed, epoch, sample index) only; crops pad with a black pixel
+    as the model sees it after normalization.
+    """
+    train, spec = context.data.train, context.experiment.data.augment
+    seed = derive_seed(context.experiment.seed, "augment")
+    fill = None if context.data.mean is None else -context.data.mean / context.data.std
+
+    def load(indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = train.inputs[indices]
+        if spec.random_crop or spec.hflip:
+            inputs = augment_batch(inputs, indices, epoch=epoch, seed=seed, spec=spec, fill=fill)
+        return inputs.to(device), train.labels[indices].to(device)
+
+    return load
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
