@@ -3,8 +3,9 @@
     python benchmarks/losses.py [--rows 4096] [--classes 32000] [--repeats 5] [--out benchmarks/results/losses.json]
 
 Every loss runs on the same float32 logits [rows, classes] (plus labels, and features for losses
-that read them); each case is timed as the median of ``--repeats`` runs after one warm-up, all
-in one process, side by side, so the ratios are comparable even on a noisy shared machine.
+that read them); each case is timed as the median of ``--repeats`` runs after one warm-up round, all in one
+process, round-robin (every round times every loss once), so the ratios are comparable even on
+a noisy shared machine.
 Losses that couple every pair of rows of the batch (SinKD's batch-wise Sinkhorn: an
 ``rows x rows`` cost matrix of L1 distances over the classes, O(rows^2 * classes)) are timed at
 ``--coupled-rows`` rows and also reported scaled by ``(rows / coupled_rows)^2`` to the full
@@ -39,7 +40,8 @@ def make_sources(rows: int, classes: int, generator: torch.Generator) -> dict[st
     }
 
 
-def time_term(name: str, sources: dict[str, torch.Tensor], classes: int, repeats: int) -> float | None:
+def build_case(name: str, sources: dict[str, torch.Tensor], classes: int) -> Objective | None:
+    """An objective holding just this loss, or None when it does not apply to class logits."""
     loss = LOSSES.get(name).builder
     required, _ = tensor_arguments(loss)
     needed = [DEFAULT_SOURCES.get(argument) for argument in required]
@@ -48,18 +50,16 @@ def time_term(name: str, sources: dict[str, torch.Tensor], classes: int, repeats
     if name == "margin_mse":  # pairs of scores, not class logits
         return None
     shapes = {source: tuple(tensor.shape[1:]) for source, tensor in sources.items()}
-    objective = Objective([Term(name, name)], num_classes=classes, source_shapes=shapes)
-    times = []
-    for repeat in range(repeats + 1):
-        inputs = dict(sources)
-        inputs["student.logits"] = sources["student.logits"].clone().requires_grad_(True)
-        inputs["student.features"] = sources["student.features"].clone().requires_grad_(True)
-        start = time.perf_counter()
-        objective(inputs).total.backward()
-        elapsed = time.perf_counter() - start
-        if repeat:  # the first run is a warm-up
-            times.append(elapsed)
-    return statistics.median(times)
+    return Objective([Term(name, name)], num_classes=classes, source_shapes=shapes)
+
+
+def time_once(objective: Objective, sources: dict[str, torch.Tensor]) -> float:
+    inputs = dict(sources)
+    inputs["student.logits"] = sources["student.logits"].clone().requires_grad_(True)
+    inputs["student.features"] = sources["student.features"].clone().requires_grad_(True)
+    start = time.perf_counter()
+    objective(inputs).total.backward()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -74,14 +74,25 @@ def main() -> None:
     sources = make_sources(args.rows, args.classes, torch.Generator().manual_seed(0))
     coupled_sources = {name: tensor[: args.coupled_rows] for name, tensor in sources.items()}
     scale = (args.rows / args.coupled_rows) ** 2
-    results: dict[str, float] = {}
-    measured_at: dict[str, int] = {}
+    cases: dict[str, tuple[Objective, dict[str, torch.Tensor], bool]] = {}
     for entry in LOSSES:
         coupled = entry.name in BATCH_COUPLED
-        seconds = time_term(entry.name, coupled_sources if coupled else sources, args.classes, args.repeats)
-        if seconds is not None:
-            results[entry.name] = seconds * (scale if coupled else 1.0)
-            measured_at[entry.name] = args.coupled_rows if coupled else args.rows
+        case_sources = coupled_sources if coupled else sources
+        objective = build_case(entry.name, case_sources, args.classes)
+        if objective is not None:
+            cases[entry.name] = (objective, case_sources, coupled)
+    # Round-robin: every repeat times every loss once, so a slow spell of the machine hits all
+    # of them alike instead of one; the first round is a warm-up.
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(args.repeats + 1):
+        for name, (objective, case_sources, _) in cases.items():
+            elapsed = time_once(objective, case_sources)
+            if repeat:
+                times[name].append(elapsed)
+    results = {
+        name: statistics.median(times[name]) * (scale if coupled else 1.0) for name, (_, _, coupled) in cases.items()
+    }
+    measured_at = {name: args.coupled_rows if coupled else args.rows for name, (_, _, coupled) in cases.items()}
     baseline = results["forward_kl"]
     print(f"forward + backward at [{args.rows}, {args.classes}] float32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
