@@ -1,0 +1,95 @@
+"""The shared contract, checked for every registered loss at once (new losses included).
+
+Each loss is called through an Objective exactly as the engine calls it: masked positions hold
+garbage and must not reach the value or the gradient, a fully masked batch gives 0 with a zero
+gradient, bf16 inputs give a float32 value, extreme logits stay finite, the teacher gets no
+gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.objective import DEFAULT_SOURCES, Objective, Term, tensor_arguments
+from distill.registry import LOSSES, load_builtins
+
+load_builtins()
+CLASSES = 6
+# Options that make a loss deterministic for the comparison of two calls (Swing adds noise).
+DETERMINISTIC = {"swing_kd": {"noise_scale": 0.0}}
+NAMES = [entry.name for entry in LOSSES if entry.name != "margin_mse"]
+
+
+def _sources(rows: int, dtype: torch.dtype = torch.float32, scale: float = 3.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "student.logits": (torch.randn(rows, CLASSES, generator=generator) * scale).to(dtype).requires_grad_(True),
+        "teacher.logits": (torch.randn(rows, CLASSES, generator=generator) * scale).to(dtype).requires_grad_(True),
+        "batch.labels": torch.randint(0, CLASSES, (rows,), generator=generator),
+        "student.features": torch.randn(rows, 5, generator=generator).to(dtype).requires_grad_(True),
+        "teacher.features": torch.randn(rows, 5, generator=generator).to(dtype),
+    }
+
+
+def _objective(name: str) -> Objective:
+    torch.manual_seed(0)
+    shapes = {source: tensor.shape[1:] for source, tensor in _sources(2).items()}
+    return Objective([Term(name, name, params=dict(DETERMINISTIC.get(name, {})))], num_classes=CLASSES, source_shapes=shapes)
+
+
+def test_every_registered_loss_is_covered() -> None:
+    for name in NAMES:
+        required, _ = tensor_arguments(LOSSES.get(name).builder)
+        assert all(DEFAULT_SOURCES.get(argument) in _sources(2) for argument in required), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_rows_do_not_matter(name: str) -> None:
+    objective = _objective(name)
+    rows = 8
+    mask = torch.tensor([True, False, True, True, False, True, True, False])
+    clean = _sources(rows)
+    garbage = {k: v.detach().clone() for k, v in clean.items()}
+    for key in ("student.logits", "teacher.logits", "student.features"):
+        garbage[key][~mask] = 1e30  # finite garbage where the mask is False
+        garbage[key].requires_grad_(True)
+    garbage["batch.labels"][~mask] = CLASSES - 1
+    values = []
+    for sources in (clean, garbage):
+        value = objective(sources, mask=mask).total
+        value.backward()
+        values.append(value.detach())
+    torch.testing.assert_close(values[0], values[1])
+    assert torch.isfinite(values[1])
+    for key in ("student.logits", "student.features"):
+        grad = garbage[key].grad
+        if grad is not None:
+            assert torch.all(grad[~mask] == 0) and torch.isfinite(grad).all(), key
+            torch.testing.assert_close(grad[mask], clean[key].grad[mask])
+    assert garbage["teacher.logits"].grad is None  # the teacher side never receives gradient
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fully_masked_gives_zero_and_zero_gradient(name: str) -> None:
+    objective = _objective(name)
+    sources = _sources(4)
+    value = objective(sources, mask=torch.zeros(4, dtype=torch.bool)).total
+    value.backward()
+    assert float(value.detach()) == 0.0
+    for key in ("student.logits", "student.features"):
+        grad = sources[key].grad
+        assert grad is None or torch.all(grad == 0), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_low_precision_and_extreme_inputs(name: str) -> None:
+    objective = _objective(name)
+    value = objective(_sources(6, dtype=torch.bfloat16)).total
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    extreme = _sources(6, scale=1e4 / 3)
+    value = objective(extreme).total
+    value.backward()
+    assert torch.isfinite(value)
+    grads = [extreme[key].grad for key in ("student.logits", "student.features") if extreme[key].grad is not None]
+    assert grads and all(torch.isfinite(grad).all() for grad in grads)
