@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout() -> Console:
+    """Standard output, at least 140 columns wide so that result tables are never truncated."""
+    return Console(width=max(Console().width, 140))
+
+
 def _progress(console: Console, no_progress: bool) -> list:
     from distill.cli_progress import RichProgress
 
@@ -114,8 +119,8 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
         experiment, run_dir=run_dir, callbacks=_progress(console, args.no_progress), reuse_dirs=run_folders(args.reuse)
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        Console().print(final_rich_table(result.rows))
-        Console().print(f"report: [bold]{result.run_dir / 'report.md'}[/bold]")
+        _stdout().print(final_rich_table(result.rows))
+        _stdout().print(f"report: [bold]{result.run_dir / 'report.md'}[/bold]")
     return 0
 
 
@@ -149,8 +154,8 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
 
     path = run_compare(plan, callbacks=_progress(console, args.no_progress), on_run=announce, reuse=args.reuse)
     result = json.loads((plan.folder / "compare.json").read_text())
-    Console().print(compare_table(result))
-    Console().print(f"table: [bold]{path}[/bold]")
+    _stdout().print(compare_table(result), markup=False, highlight=False)
+    _stdout().print(f"table: [bold]{path}[/bold]")
     return 0
 
 
