@@ -12,7 +12,7 @@ import torch
 
 from distill.config.schema import AugmentSpec, DataSpec
 from distill.data import ArraySplit, DataBundle, RawDataset, augment_batch, load_data, prepare
-from distill.data import vision
+from distill.data import local, vision
 from distill.data.splits import stratified_quotas
 from distill.data.transforms import sample_uniforms
 from distill.registry import DATASETS
@@ -147,7 +147,7 @@ def test_image_folder_flat_rgb(tmp_path: Path) -> None:
         for i in range(3):
             save_png(tmp_path / name / f"{i}.png", (6, 5), "RGB", value=40 * c + i)
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
-    raw = vision.image_folder(str(tmp_path))
+    raw = local.image_folder(str(tmp_path))
     assert raw.class_names == ["cat", "dog", "eel"] and raw.num_classes == 3
     assert raw.train.inputs.shape == (9, 3, 5, 6)  # [N, C, H, W] from 6x5 (width x height)
     assert raw.test is None
@@ -161,7 +161,7 @@ def test_image_folder_split_grayscale_resize(tmp_path: Path) -> None:
         for name in ("a", "b"):
             for i in range(count):
                 save_png(tmp_path / split / name / f"{i}.png", (10 + i, 7), "RGB")
-    raw = vision.image_folder(str(tmp_path), image_size=8, channels=1)
+    raw = local.image_folder(str(tmp_path), image_size=8, channels=1)
     assert raw.train.inputs.shape == (8, 1, 8, 8)
     assert raw.test is not None and raw.test.inputs.shape == (4, 1, 8, 8)
     assert raw.test.labels.tolist() == [0, 0, 1, 1]
@@ -172,25 +172,25 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     save_png(tmp_path / "mixed" / "a" / "0.png", (8, 8))
     save_png(tmp_path / "mixed" / "a" / "1.png", (9, 8))
     with pytest.raises(ValueError, match=r"data\.params\.image_size"):
-        vision.image_folder(str(tmp_path / "mixed"))
-    assert vision.image_folder(str(tmp_path / "mixed"), image_size=4).train.inputs.shape == (2, 3, 4, 4)
+        local.image_folder(str(tmp_path / "mixed"))
+    assert local.image_folder(str(tmp_path / "mixed"), image_size=4).train.inputs.shape == (2, 3, 4, 4)
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class subfolders"):
-        vision.image_folder(str(tmp_path / "empty"))
+        local.image_folder(str(tmp_path / "empty"))
     (tmp_path / "empty" / "cls").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        vision.image_folder(str(tmp_path / "empty"))
+        local.image_folder(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        vision.image_folder(str(tmp_path / "absent"))
+        local.image_folder(str(tmp_path / "absent"))
 
     for split, names in (("train", ["a", "b"]), ("test", ["a", "c"])):
         for name in names:
             save_png(tmp_path / "split" / split / name / "0.png", (4, 4))
     with pytest.raises(ValueError, match=r"only in train: \['b'\], only in test: \['c'\]"):
-        vision.image_folder(str(tmp_path / "split"))
+        local.image_folder(str(tmp_path / "split"))
     with pytest.raises(ValueError, match="channels"):
-        vision.image_folder(str(tmp_path / "mixed"), channels=2)
+        local.image_folder(str(tmp_path / "mixed"), channels=2)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,7 @@ def test_npz_layouts(tmp_path: Path, shape: tuple[int, ...], expected: tuple[int
     x = rng.integers(0, 256, shape).astype(np.uint8)
     y = np.arange(shape[0]) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    raw = vision.npz(str(tmp_path / "d.npz"))
+    raw = local.npz(str(tmp_path / "d.npz"))
     assert raw.train.inputs.shape == expected and raw.train.inputs.dtype == torch.float32
     assert raw.test is None and raw.num_classes == 3
     assert float(raw.train.inputs.max()) <= 1.0
@@ -225,20 +225,20 @@ def test_npz_split_keys_floats_and_errors(tmp_path: Path) -> None:
         feats_test=rng.normal(size=(6, 4)),
         cls_test=np.array([0, 1, 2, 0, 1, 2]),
     )
-    raw = vision.npz(str(tmp_path / "s.npz"), inputs_key="feats", labels_key="cls")
+    raw = local.npz(str(tmp_path / "s.npz"), inputs_key="feats", labels_key="cls")
     assert raw.train.inputs.shape == (10, 4) and raw.test is not None and raw.test.inputs.shape == (6, 4)
     assert raw.num_classes == 3  # the largest label over both splits
 
     with pytest.raises(KeyError, match=r"feats_train.*cls_test"):
-        vision.npz(str(tmp_path / "s.npz"))  # default keys x / y are not there; lists its keys
+        local.npz(str(tmp_path / "s.npz"))  # default keys x / y are not there; lists its keys
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 2)), y=np.array([0, -1, 2]))
     with pytest.raises(ValueError, match=r"negative values \[-1\]"):
-        vision.npz(str(tmp_path / "bad.npz"))
+        local.npz(str(tmp_path / "bad.npz"))
     np.savez(tmp_path / "frac.npz", x=np.zeros((3, 2)), y=np.array([0.0, 0.5, 1.0]))
     with pytest.raises(ValueError, match=r"non-integer values \[0\.5\]"):
-        vision.npz(str(tmp_path / "frac.npz"))
+        local.npz(str(tmp_path / "frac.npz"))
     with pytest.raises(FileNotFoundError):
-        vision.npz(str(tmp_path / "absent.npz"))
+        local.npz(str(tmp_path / "absent.npz"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets not installed")
@@ -256,20 +256,20 @@ def test_hf_local(tmp_path: Path) -> None:
         }
     )
     dataset_dict.save_to_disk(str(tmp_path / "dd"))
-    raw = vision.hf_local(str(tmp_path / "dd"), input_column="img", channels=1, image_size=4)
+    raw = local.hf_local(str(tmp_path / "dd"), input_column="img", channels=1, image_size=4)
     assert raw.train.inputs.shape == (6, 1, 4, 4) and raw.test is not None and len(raw.test) == 3
     assert raw.class_names == ["x", "y", "z"] and raw.num_classes == 3
 
     pixels = [np.full((3, 3), i, dtype=np.uint8) for i in range(4)]
     arrays = datasets.Dataset.from_dict({"pixels": pixels, "y": [0, 1, 1, 3]})
     arrays.save_to_disk(str(tmp_path / "single"))
-    raw = vision.hf_local(str(tmp_path / "single"), input_column="pixels", label_column="y")
+    raw = local.hf_local(str(tmp_path / "single"), input_column="pixels", label_column="y")
     assert raw.train.inputs.shape == (4, 1, 3, 3) and raw.test is None and raw.num_classes == 4
 
     with pytest.raises(KeyError, match=r"no column 'image'.*\['pixels', 'y'\]"):
-        vision.hf_local(str(tmp_path / "single"), label_column="y")
+        local.hf_local(str(tmp_path / "single"), label_column="y")
     with pytest.raises(FileNotFoundError):
-        vision.hf_local(str(tmp_path / "absent"))
+        local.hf_local(str(tmp_path / "absent"))
 
 
 # ------------------------------------------------------------------------------------------
