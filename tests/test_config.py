@@ -214,3 +214,23 @@ def test_an_experiment_can_extend_a_base_file(tmp_path: Path, tiny) -> None:
     assert "includes itself" in problems_of(tmp_path / "loop.yaml")[0]
     (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\nname: x\n")
     assert "base: no such file" in problems_of(tmp_path / "orphan.yaml")[0]
+
+
+def test_the_written_config_loads_back_to_the_same_experiment(tmp_path: Path, tiny) -> None:
+    from distill.config.loader import dump_experiment
+    from distill.engine.stage import _setting
+
+    tiny["training"].update({"grad_accum_steps": 2, "grad_clip": 1.0})
+    tiny["stages"][1].update({"epochs": 3, "grad_clip": None, "optimizer": {"lr": 0.01}})
+    original = load_experiment(write_yaml(tmp_path / "exp.yaml", tiny))
+    written = tmp_path / "config.yaml"
+    written.write_text(dump_experiment(original))
+    loaded = load_experiment(written)
+    assert loaded.model_dump() == original.model_dump()
+    for name in ("epochs", "grad_accum_steps", "grad_clip", "max_steps", "mixed_precision"):
+        for before, after in zip(original.stages, loaded.stages):
+            assert _setting(after, loaded.training, name) == _setting(before, original.training, name), name
+    # a stage's null that disables clipping survives; an absent key still inherits
+    assert _setting(loaded.stages[1], loaded.training, "grad_clip") is None
+    assert _setting(loaded.stages[0], loaded.training, "grad_clip") == 1.0
+    assert loaded.stages[1].optimizer.model_fields_set == {"lr"}

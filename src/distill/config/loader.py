@@ -360,5 +360,15 @@ def load_experiment(
 
 
 def dump_experiment(experiment: Experiment) -> str:
-    """The resolved experiment as YAML (every default written out)."""
-    return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved experiment as YAML (every default written out).
+
+    A stage's training settings and optimizer/scheduler overrides are written only where the
+    stage sets them: an absent key means "inherit the experiment's value", which a written-out
+    ``null`` would not, so loading the file back gives the same experiment.
+    """
+    data = experiment.model_dump(mode="json")
+    data["stages"] = [
+        {**stage.model_dump(mode="json", exclude_unset=True), "objective": stage.objective.model_dump(mode="json")}
+        for stage in experiment.stages
+    ]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
