@@ -119,4 +119,103 @@ def test_a_wrong_feature_path_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="the student \\(MLP\\) has no module 'featurs.0'; nearest existing paths: features.0"):
         run_experiment(load_experiment(experiment))
     run_dir = next((tmp_path / "tiny").iterdir())
-    assert not (run_dir / "checkpoints" / "distilled").exists()
+    assert not (run_dir / "checkpoints").exists()  # not even the teacher stage ran
+    assert not (run_dir / "stages").exists()
+
+
+def test_hooks_capture_what_a_manual_forward_computes() -> None:
+    from distill.models.zoo import resnet_cifar
+
+    torch.manual_seed(0)
+    model = resnet_cifar(num_classes=10, input_shape=(1, 28, 28), depth=14).eval()
+    x = torch.randn(3, 1, 28, 28)
+    names = ["student.layer2.1.conv2.output", "student.layer3.output", "student.layer2.0.input", "student.features"]
+    with FeatureCapture(model, [parse_feature_source(n) for n in names]) as capture, torch.no_grad():
+        logits = model(x)
+        captured = dict(capture.values)
+    with torch.no_grad():  # the same tensors, computed by hand
+        stem = torch.relu(model.bn1(model.conv1(x)))
+        layer1 = model.layer1(stem)
+        block = model.layer2[0](layer1)
+        inner = model.layer2[1].conv2(torch.relu(model.layer2[1].bn1(model.layer2[1].conv1(block))))
+        layer3 = model.layer3(model.layer2(layer1))
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(layer3, 1), 1)
+    torch.testing.assert_close(captured["student.layer2.0.input"], layer1)
+    torch.testing.assert_close(captured["student.layer2.1.conv2.output"], inner)
+    torch.testing.assert_close(captured["student.layer3.output"], layer3)
+    torch.testing.assert_close(captured["student.features"], pooled)
+    torch.testing.assert_close(model.fc(pooled), logits)
+
+
+def test_hugging_face_paths_and_wrapped_models(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with FeatureCapture(llm, [parse_feature_source("student.model.layers.4.mlp.output")]) as capture, torch.no_grad():
+        out = llm(ids, output_hidden_states=True)
+        mlp_out = capture.values["student.model.layers.4.mlp.output"]
+    assert mlp_out.shape == (2, 7, 32)
+    with torch.no_grad():  # the last block's MLP output, recomputed from its input
+        hidden = out.hidden_states[4]
+        block = llm.model.layers[4]
+        attended = hidden + block.self_attn(
+            block.input_layernorm(hidden), position_embeddings=llm.model.rotary_emb(hidden, torch.arange(7)[None]),
+            attention_mask=None,
+        )[0]
+        torch.testing.assert_close(mlp_out, block.mlp(block.post_attention_layernorm(attended)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(KeyError, match="model.layers.4.mlp"):
+        resolve_module(llm, "model.layers.4.mlps")
+
+    # a DDP-wrapped model: paths are those of the inner model, and the hooks fire through the wrapper
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = mlp(num_classes=3, input_shape=(4,), hidden=[8])
+        wrapped = torch.nn.parallel.DistributedDataParallel(net)
+        with FeatureCapture(wrapped, [parse_feature_source("student.features.0.output")]) as capture:
+            wrapped(torch.randn(2, 4))
+            assert capture.values["student.features.0.output"].shape == (2, 8)
+        assert resolve_module(wrapped, "head") is net.head
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hooks_keep_no_memory_across_steps() -> None:
+    import gc
+
+    from distill.engine.forward import ForwardPass
+    from distill.models.zoo import resnet_cifar
+
+    torch.manual_seed(0)
+    student = resnet_cifar(num_classes=10, input_shape=(1, 16, 16), depth=8)
+    teacher = resnet_cifar(num_classes=10, input_shape=(1, 16, 16), depth=14).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    sources = {"student.layer2.output", "teacher.layer3.output", "student.logits", "teacher.logits"}
+
+    def live_tensors() -> int:
+        import warnings
+
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    counts = []
+    with ForwardPass(student, teacher, sources) as forward:
+        for step in range(12):
+            values = forward(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)))
+            loss = values["student.layer2.output"].pow(2).mean() + values["student.logits"].logsumexp(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            del values, loss
+            assert not forward.student_capture.values and not forward.teacher_capture.values
+            if step >= 2:
+                counts.append(live_tensors())
+    assert max(counts) == min(counts), counts  # nothing accumulates from step to step
+    assert all(not m._forward_hooks for m in [*student.modules(), *teacher.modules()])

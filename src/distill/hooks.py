@@ -72,8 +72,16 @@ def classifier_path(model: nn.Module) -> str:
     return linear[-1]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (paths never carry ``module.``)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
     """The submodule at ``path``; a :class:`ModulePathError` listing the nearest existing paths otherwise."""
+    model = unwrap(model)
     modules = dict(model.named_modules())
     if path in modules and path != "":
         return modules[path]
@@ -99,6 +107,7 @@ class FeatureCapture:
     """
 
     def __init__(self, model: nn.Module, sources: Iterable[FeatureSource], role: str = "model") -> None:
+        model = unwrap(model)
         self.model = model
         self.values: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []

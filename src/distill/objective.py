@@ -9,6 +9,7 @@ A term names a registered loss and, for each tensor argument of that loss, the *
     student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
     teacher.<path>.output     the same on the teacher
     student.features          the input of the model's last nn.Linear (penultimate features)
+    <source> -> <adapter>     a source passed through an adapter of the objective (distill.adapters)
 
 A loss is either a function or an ``nn.Module`` class (for losses that own parameters or state:
 a learned head, an adaptive schedule). For a function, the tensor arguments are its positional
@@ -19,7 +20,15 @@ hyper-parameters are the keyword-only parameters of ``__init__``; ``__init__`` m
 ``{"student_features": (64,)}``, whatever source the argument reads), which the objective
 supplies. A module loss may define ``update(step=..., total_steps=..., value=...)``: the engine
 calls it after every optimizer step with the term's value averaged over that step (and over
-processes), which is how schedules that adapt to training progress (TAID) move.
+processes), which is how schedules that adapt to training progress (TAID) move. A module loss
+that needs statistics of the whole training set before training (ND's teacher class means)
+defines ``setup(collect)`` and a boolean buffer ``ready``: while ``ready`` is false the engine
+calls ``setup`` once before the first step, with ``collect(["teacher_features", "labels"])``
+returning those arguments' tensors over the training set (their sources follow the term's
+``inputs``, else :data:`DEFAULT_SOURCES`).
+
+Adapters (``Objective(..., adapters={"proj": Adapter("linear", to="teacher.features")})``) are
+trained with the student and checkpointed with the objective; see :mod:`distill.adapters`.
 
 Arguments named ``student_logits``, ``teacher_logits``, ``labels`` (and the others in
 :data:`DEFAULT_SOURCES`) read their usual source unless ``inputs`` says otherwise.
@@ -43,6 +52,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from distill.adapters import Adapter, build_adapter, split_source
 from distill.hooks import parse_feature_source
 from distill.registry import LOSSES, accepted_parameters
 
@@ -67,6 +77,11 @@ INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "input_shapes")
 
 def is_module_loss(loss: Any) -> bool:
     return inspect.isclass(loss) and issubclass(loss, torch.nn.Module)
+
+
+def required_sources(terms: list["Term"]) -> set[str]:
+    """Every source the terms read, adapters stripped (what a forward pass must provide)."""
+    return {base_source(source) for term in terms for source in term.sources.values()}
 
 
 def _call_signature(loss: Any) -> inspect.Signature:
@@ -102,7 +117,13 @@ def hyperparameters(loss: Any) -> dict[str, Any]:
 
 
 def is_known_source(source: str) -> bool:
+    """Whether ``source`` (without any ``-> adapter``) names something a stage can provide."""
     return source in KNOWN_SOURCES or parse_feature_source(source) is not None
+
+
+def base_source(source: str) -> str:
+    """The source without its adapter: ``"student.layer2.output -> proj"`` -> ``"student.layer2.output"``."""
+    return split_source(source)[0]
 
 
 def resolve_inputs(loss: Any, inputs: Mapping[str, str]) -> dict[str, str]:
@@ -194,6 +215,7 @@ class Objective(torch.nn.Module):
         self,
         terms: list[Term],
         *,
+        adapters: Mapping[str, Adapter | torch.nn.Module] | None = None,
         num_classes: int | None = None,
         source_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
@@ -205,6 +227,9 @@ class Objective(torch.nn.Module):
         if duplicates:
             raise ValueError(f"objective term names must be unique; repeated: {', '.join(duplicates)}")
         self.terms = terms
+        shapes: dict[str, tuple[int, ...]] = dict(source_shapes or {})
+        self.adapters = torch.nn.ModuleDict()
+        self._build_adapters(dict(adapters or {}), num_classes, shapes)
         self.losses = torch.nn.ModuleDict()
         for term in terms:
             if not term.is_module:
@@ -218,27 +243,138 @@ class Objective(torch.nn.Module):
             if "input_shapes" in wanted:
                 if source_shapes is None:
                     raise ValueError(f"term '{term.name}': the loss needs the shapes of its inputs; pass source_shapes to Objective")
-                injected["input_shapes"] = {
-                    arg: tuple(source_shapes[src]) for arg, src in term.sources.items() if src in source_shapes
-                }
+                injected["input_shapes"] = {arg: tuple(shapes[src]) for arg, src in term.sources.items() if src in shapes}
             self.losses[term.name] = term.fn(**term.params, **injected)
+
+    def _build_adapters(
+        self,
+        adapters: dict[str, Adapter | torch.nn.Module],
+        num_classes: int | None,
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        """Build the adapters the terms use; record each adapted source's shape in ``shapes``."""
+        fed: dict[str, set[str]] = {}
+        for term in self.terms:
+            for argument, source in term.sources.items():
+                base, adapter = split_source(source)
+                if adapter is None:
+                    continue
+                if adapter not in adapters:
+                    known = ", ".join(adapters) or "(none declared)"
+                    raise ValueError(f"term '{term.name}': inputs.{argument} uses adapter '{adapter}', which is not declared; adapters: {known}")
+                fed.setdefault(adapter, set()).add(base)
+        unused = sorted(set(adapters) - set(fed))
+        if unused:
+            raise ValueError(f"adapter(s) {', '.join(unused)} declared but used by no term (write 'source -> name' in a term's inputs)")
+        for name, bases in fed.items():
+            if len(bases) > 1:
+                raise ValueError(f"adapter '{name}' is fed by several sources ({', '.join(sorted(bases))}); declare one adapter per source")
+            base = next(iter(bases))
+            declared = adapters[name]
+            if isinstance(declared, torch.nn.Module):
+                self.adapters[name] = declared
+            else:
+                if base not in shapes:
+                    raise ValueError(f"adapter '{name}': the shape of its input {base} is unknown; pass source_shapes to Objective")
+                if declared.to is None:
+                    target = None
+                elif declared.to == "logits":
+                    if num_classes is None:
+                        raise ValueError(f"adapter '{name}' maps to logits; pass num_classes to Objective")
+                    target = (num_classes,)
+                else:
+                    if declared.to not in shapes:
+                        raise ValueError(
+                            f"adapter '{name}': the shape of its target {declared.to} is unknown "
+                            "(a source that no term reads needs to be probed: pass its shape in source_shapes)"
+                        )
+                    target = tuple(shapes[declared.to])
+                self.adapters[name] = build_adapter(name, declared, tuple(shapes[base]), target)
+            if base in shapes:
+                module = self.adapters[name]
+                was_training = module.training
+                module.eval()
+                with torch.no_grad():
+                    probe = module(torch.zeros(2, *shapes[base]))
+                module.train(was_training)
+                shapes[f"{base} -> {name}"] = tuple(probe.shape[1:])
+        # the same adapted source may be written with or without spaces around the arrow
+        for term in self.terms:
+            term.sources = {
+                argument: (f"{split_source(s)[0]} -> {split_source(s)[1]}" if split_source(s)[1] else s)
+                for argument, s in term.sources.items()
+            }
 
     @staticmethod
     def terms_from_spec(spec: Any) -> list[Term]:
         """The terms of an :class:`distill.config.schema.ObjectiveSpec` (nothing built yet)."""
         return [Term(t.label, t.loss, weight=t.weight, params=dict(t.params), inputs=dict(t.inputs)) for t in spec.terms]
 
+    @staticmethod
+    def adapters_from_spec(spec: Any) -> dict[str, Adapter]:
+        """The adapters of an :class:`distill.config.schema.ObjectiveSpec`."""
+        return {
+            name: Adapter(a.kind, to=a.to, out_features=a.out_features, hidden=a.hidden, params=dict(a.params))
+            for name, a in spec.adapters.items()
+        }
+
     @classmethod
     def from_spec(
         cls, spec: Any, *, num_classes: int | None = None, source_shapes: Mapping[str, tuple[int, ...]] | None = None
     ) -> "Objective":
         """Build from an :class:`distill.config.schema.ObjectiveSpec`."""
-        return cls(cls.terms_from_spec(spec), num_classes=num_classes, source_shapes=source_shapes)
+        return cls(
+            cls.terms_from_spec(spec),
+            adapters=cls.adapters_from_spec(spec),
+            num_classes=num_classes,
+            source_shapes=source_shapes,
+        )
 
     @property
     def required_sources(self) -> set[str]:
-        """Every source some term reads, e.g. ``{"student.logits", "teacher.logits"}``."""
-        return {source for term in self.terms for source in term.sources.values()}
+        """Every source some term reads (adapters stripped), e.g. ``{"student.logits", "teacher.logits"}``."""
+        return required_sources(self.terms)
+
+    @property
+    def setup_sources(self) -> set[str]:
+        """Sources that module losses still waiting for :meth:`setup` will collect."""
+        return {source for _, _, wanted in self._pending_setups() for source in wanted.values()}
+
+    def _pending_setups(self) -> list[tuple[Term, torch.nn.Module, dict[str, str]]]:
+        pending = []
+        for term in self.terms:
+            module = self.losses[term.name] if term.name in self.losses else None
+            if module is None or not callable(getattr(module, "setup", None)) or bool(getattr(module, "ready", True)):
+                continue
+            names = list(getattr(module, "setup_arguments", ()))
+            wanted = {}
+            for name in names:
+                source = term.inputs.get(name, DEFAULT_SOURCES.get(name))
+                if source is None:
+                    raise ValueError(f"term '{term.name}': setup needs '{name}', which has no default source; set inputs.{name}")
+                wanted[name] = source
+            pending.append((term, module, wanted))
+        return pending
+
+    def setup(self, collect: Callable[[list[str]], Mapping[str, torch.Tensor]]) -> list[str]:
+        """Run ``setup`` of every module loss not ready yet; returns their term names.
+
+        ``collect(sources)`` returns each source's tensor over the training set; each loss gets a
+        ``collect`` of its own that maps its argument names to the term's sources.
+        """
+        done = []
+        for term, module, wanted in self._pending_setups():
+
+            def collect_arguments(names: list[str], wanted: dict[str, str] = wanted, term: Term = term) -> dict[str, torch.Tensor]:
+                missing = [n for n in names if n not in wanted]
+                if missing:
+                    raise ValueError(f"term '{term.name}': setup asked for {missing}, not in its setup_arguments")
+                values = collect([wanted[n] for n in names])
+                return {n: values[wanted[n]] for n in names}
+
+            module.setup(collect_arguments)
+            done.append(term.name)
+        return done
 
     @property
     def needs_teacher(self) -> bool:
@@ -258,14 +394,23 @@ class Objective(torch.nn.Module):
         """Evaluate every term on ``sources`` (source name -> tensor) with batchmean reduction."""
         values: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
+        adapted: dict[str, torch.Tensor] = {}  # each adapted source is computed once per call
         for term in self.terms:
-            missing = [s for s in term.sources.values() if s not in sources]
+            missing = [base_source(s) for s in term.sources.values() if base_source(s) not in sources]
             if missing:
                 raise KeyError(
                     f"term '{term.name}' reads {', '.join(missing)}, which this step does not provide "
                     f"(available: {', '.join(sorted(sources))})"
                 )
-            arguments = {arg: sources[source] for arg, source in term.sources.items()}
+            arguments = {}
+            for arg, source in term.sources.items():
+                base, adapter = split_source(source)
+                if adapter is None:
+                    arguments[arg] = sources[source]
+                    continue
+                if source not in adapted:
+                    adapted[source] = self.adapters[adapter](sources[base])
+                arguments[arg] = adapted[source]
             extra: dict[str, Any] = {}
             if term.takes_mask:
                 extra["mask"] = mask

@@ -27,6 +27,10 @@ class ModelSpec(Section):
     weights: str | None = Field(
         default=None, description="safetensors file of weights to load after building (a stage result or your own)"
     )
+    random_init: bool = Field(
+        default=False,
+        description="allow this untrained network as a stage's teacher (random teachers); it keeps its seeded init",
+    )
 
 
 class AugmentSpec(Section):
@@ -71,10 +75,27 @@ class TermSpec(Section):
         return self.name or self.loss
 
 
+class AdapterSpec(Section):
+    """A trainable module mapping a student source to a target's shape (see distill.adapters)."""
+
+    kind: Literal["linear", "mlp", "conv1x1", "token_pool", "logit_branch", "decoder"] = Field(
+        description="linear | mlp | conv1x1 | token_pool | logit_branch | decoder"
+    )
+    to: str | None = Field(
+        default=None, description="source whose per-sample shape to produce, e.g. teacher.layer3.output, or 'logits'"
+    )
+    out_features: int | None = Field(default=None, ge=1, description="output width when `to` is not set")
+    hidden: int | None = Field(default=None, ge=1, description="hidden width (mlp, logit_branch, decoder)")
+    params: dict[str, Any] = Field(default_factory=dict, description="decoder: depth, heads")
+
+
 class ObjectiveSpec(Section):
     """The training objective: a weighted sum of named terms."""
 
     terms: list[TermSpec] = Field(min_length=1)
+    adapters: dict[str, AdapterSpec] = Field(
+        default_factory=dict, description="name -> adapter; a term input 'source -> name' passes through it"
+    )
 
     @model_validator(mode="after")
     def _unique_term_names(self) -> "ObjectiveSpec":

@@ -53,6 +53,7 @@ def _teacher_model(experiment: Experiment, reference: str, earlier: dict[str, St
 
 
 def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: dict[str, StageSpec]) -> list[Problem]:
+    from distill.adapters import ADAPTER_PARAMS, split_source
     from distill.objective import KNOWN_SOURCES, hyperparameters, is_known_source, resolve_inputs
 
     path: tuple[Union[str, int], ...] = ("stages", index)
@@ -103,7 +104,40 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
     if precision == "fp16" and experiment.device == "cpu":
         problems.append((path + ("mixed_precision",), "fp16 needs a CUDA device; use bf16 on the CPU"))
 
+    if stage.teacher is not None and stage.teacher not in earlier and stage.teacher in experiment.models:
+        spec = experiment.models[stage.teacher]
+        if spec.weights is None and not spec.random_init:
+            problems.append(
+                (
+                    path + ("teacher",),
+                    f"the teacher '{stage.teacher}' is a `models` entry with no `weights` and no earlier stage trains it; "
+                    f"set models.{stage.teacher}.weights, train it in an earlier stage, or set "
+                    f"models.{stage.teacher}.random_init: true to distill from an untrained (random) teacher",
+                )
+            )
+
     has_teacher = stage.teacher is not None
+    adapters = stage.objective.adapters
+    used_adapters: set[str] = set()
+    for name, adapter in adapters.items():
+        if adapter.to is not None and adapter.to != "logits":
+            if not is_known_source(adapter.to) or "->" in adapter.to:
+                problems.append(
+                    (
+                        path + ("objective", "adapters", name, "to"),
+                        f"unknown source '{adapter.to}'; use 'logits' or a source such as teacher.layer3.output",
+                    )
+                )
+            elif adapter.to.startswith("teacher.") and not has_teacher:
+                problems.append((path + ("objective", "adapters", name, "to"), f"reads {adapter.to}, but the stage has no teacher"))
+        elif adapter.to is None and adapter.out_features is None:
+            problems.append((path + ("objective", "adapters", name), "set `to` (a source or 'logits') or `out_features`"))
+        unknown_params = sorted(set(adapter.params) - set(ADAPTER_PARAMS.get(adapter.kind, ())))
+        if unknown_params:
+            allowed = ", ".join(ADAPTER_PARAMS.get(adapter.kind, ())) or "(none)"
+            problems.append(
+                (path + ("objective", "adapters", name, "params"), f"unknown key(s) {', '.join(unknown_params)} for kind {adapter.kind}; accepted: {allowed}")
+            )
     for term_index, term in enumerate(stage.objective.terms):
         term_path = path + ("objective", "terms", term_index)
         try:
@@ -126,7 +160,22 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
         except ValueError as error:
             problems.append((term_path + ("inputs",), f"loss '{term.loss}': {error}"))
             continue
-        for argument, source in sources.items():
+        for argument, written in sources.items():
+            try:
+                source, adapter_name = split_source(written)
+            except ValueError as error:
+                problems.append((term_path + ("inputs", argument), str(error)))
+                continue
+            if adapter_name is not None:
+                used_adapters.add(adapter_name)
+                if adapter_name not in adapters:
+                    problems.append(
+                        (
+                            term_path + ("inputs", argument),
+                            f"no adapter '{adapter_name}' in this stage's objective.adapters"
+                            f"{did_you_mean(adapter_name, list(adapters))}; declared: {', '.join(adapters) or '(none)'}",
+                        )
+                    )
             if not is_known_source(source):
                 problems.append(
                     (
@@ -144,6 +193,11 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         "set `teacher:` on the stage or use a label loss such as cross_entropy",
                     )
                 )
+    for name in adapters:
+        if name not in used_adapters:
+            problems.append(
+                (path + ("objective", "adapters", name), f"adapter '{name}' is used by no term; feed it with 'source -> {name}' in a term's inputs")
+            )
     return problems
 
 

@@ -41,7 +41,7 @@ from distill.engine.context import (
     predict,
 )
 from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
-from distill.engine.stage import train_stage
+from distill.engine.stage import check_feature_paths, train_stage
 from distill.registry import load_builtins
 
 CONFIG_FILE = "config.yaml"
@@ -257,6 +257,9 @@ def run_experiment(
     )
     callback_list.on_run_start(str(run_dir), experiment)
 
+    for stage in experiment.stages:
+        if not context.stage_done(stage.name):
+            check_feature_paths(context, stage)
     fingerprints = context.fingerprints
     for stage in experiment.stages:
         fingerprints[stage.name] = stage_fingerprint(experiment, stage, data.fingerprint, fingerprints)

@@ -31,9 +31,10 @@ from distill.engine.checkpoint import (
 )
 from distill.engine.context import STAGE_SUMMARY, STAGE_WEIGHTS, RunContext, predict
 from distill.engine.forward import ForwardPass
+from distill.hooks import FeatureCapture, parse_feature_source
 from distill.engine.metrics import classification_metrics
 from distill.engine.optim import build_optimizer, build_scheduler
-from distill.objective import Objective
+from distill.objective import Objective, required_sources
 
 
 def _setting(stage: StageSpec, defaults: Any, name: str) -> Any:
@@ -121,6 +122,56 @@ def best_epoch(history: list[dict[str, Any]], metric: str = "accuracy") -> dict[
     return max(candidates, key=score)
 
 
+def check_feature_paths(context: RunContext, stage: StageSpec) -> None:
+    """Resolve every module path the stage's objective reads, on freshly built models.
+
+    Run for all stages before any trains, so a wrong path fails in seconds, naming the nearest
+    existing paths, rather than after the earlier stages have trained.
+    """
+    experiment = context.experiment
+    terms = Objective.terms_from_spec(stage.objective)
+    sources = required_sources(terms) | {a.to for a in stage.objective.adapters.values() if a.to not in (None, "logits")}
+    features = [f for f in (parse_feature_source(s) for s in sources) if f is not None]
+    if not features:
+        return
+    models = {"student": stage.model}
+    if stage.teacher is not None:
+        earlier = {s.name: s for s in experiment.stages[: experiment.stages.index(stage)]}
+        models["teacher"] = earlier[stage.teacher].model if stage.teacher in earlier else stage.teacher
+    for role, key in models.items():
+        wanted = [f for f in features if f.model == role]
+        if wanted:
+            FeatureCapture(context.build_network(key), wanted, role)
+
+
+@torch.no_grad()
+def collect_sources(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    sources: list[str],
+    context: RunContext,
+    autocast: Any = contextlib.nullcontext,
+) -> dict[str, torch.Tensor]:
+    """``sources`` over the whole training split (no augmentation, models in eval mode), in float32."""
+    train = context.data.train
+    batch_size = context.experiment.data.eval_batch_size
+    was_training = student.training
+    student.eval()
+    chunks: dict[str, list[torch.Tensor]] = {source: [] for source in sources}
+    try:
+        with ForwardPass(student, teacher, set(sources), autocast) as forward:
+            for start in range(0, len(train), batch_size):
+                inputs = train.inputs[start : start + batch_size].to(context.device)
+                labels = train.labels[start : start + batch_size].to(context.device)
+                values = forward(inputs, labels)
+                for source in sources:
+                    value = values[source]
+                    chunks[source].append(value.float() if value.is_floating_point() else value)
+    finally:
+        student.train(was_training)
+    return {source: torch.cat(parts) for source, parts in chunks.items()}
+
+
 def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     """Train ``stage`` (resuming from its checkpoint if there is one) and write its result folder."""
     experiment = context.experiment
@@ -144,14 +195,20 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     terms = Objective.terms_from_spec(stage.objective)
-    forward = ForwardPass(student.to(device), teacher, {s for t in terms for s in t.sources.values()}, autocast)
+    adapters = Objective.adapters_from_spec(stage.objective)
+    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast)
     source_shapes = None
-    if any("input_shapes" in term.injected_arguments() for term in terms):
-        source_shapes = forward.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
+    if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
+        # Adapters and some losses are sized from one probing pass (adapter targets included).
+        targets = {a.to for a in adapters.values() if a.to not in (None, "logits")}
+        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast)
+        source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).
         torch.manual_seed(derive_seed(experiment.seed, "objective", stage.name))
-        objective = Objective(terms, num_classes=context.data.num_classes, source_shapes=source_shapes).to(device)
+        objective = Objective(
+            terms, adapters=adapters, num_classes=context.data.num_classes, source_shapes=source_shapes
+        ).to(device)
     objective_parameters = list(objective.parameters())
     trainable = list(student.parameters()) + objective_parameters
     optimizer = build_optimizer(plan.optimizer, trainable)
@@ -191,6 +248,12 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             or (r.get("kind") == "eval" and r.get("epoch") in evaluated)
         )
         context.callbacks.on_message(f"stage '{stage.name}': resumed from {latest.name} (step {step})")
+
+    if objective.setup_sources:
+        # Losses that need training-set statistics (ND's class means) get them once; a resumed
+        # run restores them from the checkpoint instead.
+        names = objective.setup(lambda sources: collect_sources(student, teacher, sources, context, autocast))
+        context.callbacks.on_message(f"stage '{stage.name}': prepared {', '.join(names)} from the training set")
 
     order_seed = derive_seed(experiment.seed, "data")
     load_batch = _batch_loader(context, device)
