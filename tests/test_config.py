@@ -234,3 +234,12 @@ def test_the_written_config_loads_back_to_the_same_experiment(tmp_path: Path, ti
     assert _setting(loaded.stages[1], loaded.training, "grad_clip") is None
     assert _setting(loaded.stages[0], loaded.training, "grad_clip") == 1.0
     assert loaded.stages[1].optimizer.model_fields_set == {"lr"}
+
+
+def test_an_untrained_teacher_must_be_asked_for(tiny) -> None:
+    tiny["stages"] = [tiny["stages"][1]]  # the teacher is now the bare `models` entry
+    [problem] = problems_of(tiny)
+    assert "stages[0].teacher: the teacher 'teacher' is a `models` entry with no `weights`" in problem
+    assert "models.teacher.random_init: true" in problem
+    tiny["models"]["teacher"]["random_init"] = True
+    assert load_experiment(tiny).models["teacher"].random_init

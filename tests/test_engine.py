@@ -83,6 +83,7 @@ def _accumulation_experiment(tmp_path: Path, batch_size: int, accum: int) -> dic
     experiment = tiny_experiment(tmp_path / f"runs-{batch_size}-{accum}")
     experiment["data"]["batch_size"] = batch_size
     experiment["optimizer"] = {"name": "sgd", "lr": 0.1, "params": {"momentum": 0.0}}
+    experiment["models"]["teacher"]["random_init"] = True  # an untrained teacher is enough here
     experiment["stages"] = [
         {
             "name": "only",
@@ -207,7 +208,7 @@ def test_stage_overrides_merge_into_the_defaults(tiny) -> None:
 
 def test_a_teacher_name_means_an_earlier_stage_else_a_model(tmp_path: Path, tiny) -> None:
     """A `models` key that is also the name of a LATER stage still means the model."""
-    tiny["models"]["big"] = {"arch": "mlp", "params": {"hidden": [32]}}
+    tiny["models"]["big"] = {"arch": "mlp", "params": {"hidden": [32]}, "random_init": True}
     tiny["stages"] = [
         {"name": "student_kd", "model": "student", "teacher": "big", "max_steps": 2, "objective": {"terms": [{"loss": "hinton_kd"}]}},
         {"name": "big", "model": "big", "max_steps": 2, "objective": {"terms": [{"loss": "cross_entropy"}]}},

@@ -75,7 +75,9 @@ class RichProgress(Callback):
 
 def final_rich_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Results on the test split")
-    for column in ("model", "network", "teacher", "test acc", "agreement", "NLL", "ECE", "params", "latency ms"):
+    probed = any("probe_accuracy" in row["test"] for row in rows)
+    columns = ("model", "network", "teacher", "test acc", *(["probe acc"] if probed else []), "agreement", "NLL", "ECE", "params", "latency ms")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "network", "teacher") else "right")
     for row in rows:
         test = row["test"]
@@ -84,6 +86,7 @@ def final_rich_table(rows: list[dict[str, Any]]) -> Table:
             row["model"],
             row.get("teacher") or "-",
             _pct(test["accuracy"]),
+            *([_pct(test.get("probe_accuracy"))] if probed else []),
             _pct(test.get("agreement")),
             f"{test['nll']:.4f}",
             f"{test['ece']:.4f}",

@@ -151,12 +151,23 @@ class StageSpec(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
 
 
+class LinearProbeSpec(Section):
+    """A logistic-regression probe on each final model's frozen features (see distill.engine.probe)."""
+
+    source: str = Field(default="student.features", description="the feature probed, e.g. student.layer3.output")
+    l2: float = Field(default=1e-4, ge=0.0, description="L2 penalty on the probe's weights")
+    steps: int = Field(default=100, ge=1, description="L-BFGS iterations (full batch)")
+
+
 class EvaluationSpec(Section):
     every_epochs: int = Field(default=1, ge=1)
     ece_bins: int = Field(default=15, ge=1)
     latency: bool = Field(default=True, description="measure CPU latency per sample of each model at the end")
     reference: str | None = Field(
         default=None, description="stage whose model the agreement column compares to (default: the last teacher)"
+    )
+    linear_probe: LinearProbeSpec | None = Field(
+        default=None, description="also report the test accuracy of a linear probe on each model's features"
     )
 
 

@@ -90,9 +90,10 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
             if stages is not None and row["name"] not in stages:
                 continue
             key = (variant, row["name"])
-            bucket = table.setdefault(key, {k: [] for k in ("final", "best", "best_val", "agreement", "nll", "ece", "latency_ms", "params", "seeds", "best_epoch")})
+            bucket = table.setdefault(key, {k: [] for k in ("final", "best", "best_val", "agreement", "probe", "nll", "ece", "latency_ms", "params", "seeds", "best_epoch")})
             bucket["final"].append(row["test"].get(metric))
             bucket["agreement"].append(row["test"].get("agreement"))
+            bucket["probe"].append(row["test"].get("probe_accuracy"))
             bucket["nll"].append(row["test"]["nll"])
             bucket["ece"].append(row["test"]["ece"])
             bucket["latency_ms"].append(row.get("latency_ms"))
@@ -132,6 +133,7 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
                 "best_val": _mean_std(bucket["best_val"]),
                 "best_epoch": bucket["best_epoch"],
                 "agreement": _mean_std(bucket["agreement"]),
+                "probe_accuracy": _mean_std(bucket["probe"]),
                 "nll": _mean_std(bucket["nll"]),
                 "ece": _mean_std(bucket["ece"]),
                 "latency_ms": _mean_std(bucket["latency_ms"]),

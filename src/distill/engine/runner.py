@@ -41,6 +41,7 @@ from distill.engine.context import (
     predict,
 )
 from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
+from distill.engine.probe import linear_probe_accuracy
 from distill.engine.stage import check_feature_paths, train_stage
 from distill.registry import load_builtins
 
@@ -193,6 +194,11 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
         if summary is not None:
             row["best"] = summary.get("best")
             row["train_time_s"] = summary.get("train_time_s")
+        probe = experiment.evaluation.linear_probe
+        if probe is not None:
+            metrics["probe_accuracy"] = linear_probe_accuracy(
+                model, context.data.train, test, context.data.num_classes, probe, experiment.data.eval_batch_size, context.device
+            )
         if experiment.evaluation.latency and context.is_main:
             row["latency_ms"] = cpu_latency_ms(model, example)
         rows.append(row)

@@ -27,12 +27,14 @@ def compare_table(result: dict[str, Any]) -> str:
     percent = metric in PERCENT_METRICS
     unit = " (%)" if percent else ""
     show_variant = len({row["variant"] for row in result["rows"]}) > 1
+    probed = any((row.get("probe_accuracy") or {}).get("n", 0) > 0 for row in result["rows"])
     header = (["variant"] if show_variant else []) + [
         "model",
         f"test {metric}{unit}, final epoch",
         f"test {metric}{unit}, best-val epoch",
         f"val {metric}{unit}, best epoch",
         "agreement (%)",
+        *(["linear probe acc (%)"] if probed else []),
         "ECE",
         "params",
         "seeds",
@@ -47,6 +49,7 @@ def compare_table(result: dict[str, Any]) -> str:
                 _ms(row["best"], percent),
                 _ms(row["best_val"], percent),
                 _ms(row["agreement"], True),
+                *([_ms(row.get("probe_accuracy"), True)] if probed else []),
                 _ms(row["ece"], False),
                 f"{row['params']:,}",
                 str(len(row["seeds"])),

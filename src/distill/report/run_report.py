@@ -34,10 +34,12 @@ def final_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
 
     The last column is the validation ``metric`` at the epoch that was best by that metric.
     """
-    header = ["model", "network", "teacher", "test acc", "agreement", "NLL", "ECE", "params", "latency (ms/sample)", f"best val {metric} (epoch)"]
+    probed = any("probe_accuracy" in row["test"] for row in rows)
+    header = ["model", "network", "teacher", "test acc", *(["linear probe acc"] if probed else []), "agreement", "NLL", "ECE", "params", "latency (ms/sample)", f"best val {metric} (epoch)"]
     body = []
     for row in rows:
         test = row["test"]
+        probe = [_pct(test.get("probe_accuracy"))] if probed else []
         best = row.get("best") or {}
         best_val = (best.get("val") or {}).get(metric)
         body.append(
@@ -46,6 +48,7 @@ def final_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
                 row["model"],
                 row.get("teacher") or "-",
                 _pct(test["accuracy"]),
+                *probe,
                 _pct(test.get("agreement")),
                 _fmt(test["nll"]),
                 _fmt(test["ece"]),
