@@ -19,36 +19,58 @@ from distill.losses.divergences import (
 )
 from distill.losses.dkd import dkd
 from distill.losses.dual_head import DualHeadKD, binary_kl, binary_kl_norm
+from distill.losses.features import (
+    attention_transfer,
+    cka_loss,
+    cka_table,
+    feature_mse,
+    linear_cka,
+    rkd_angle,
+    rkd_distance,
+)
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
 from distill.losses.logit_matching import logit_cosine, logit_mse
+from distill.losses.nd import NDLoss
+from distill.losses.ofa import ofa_loss, ofa_target_weights
 from distill.losses.ranking import margin_mse
 from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
 from distill.losses.sinkhorn import sinkhorn
 from distill.losses.swing import swing_kd
 from distill.losses.taid import TAID, taid_loss, taid_target
 from distill.losses.tgeo import TGeoKD
+from distill.losses.trg import trg
 
 __all__ = [
-    "DualHeadKD",
     "TAID",
+    "DualHeadKD",
+    "NDLoss",
     "TGeoKD",
+    "attention_transfer",
     "bdkd",
     "binary_kl",
     "binary_kl_norm",
+    "cka_loss",
+    "cka_table",
     "cross_entropy",
     "dac_kl",
     "dkd",
+    "feature_mse",
     "forward_kl",
     "generalized_jsd",
     "gt_weighted_kd",
     "hinton_kd",
     "jensen_shannon",
     "kl_per_position",
+    "linear_cka",
     "logit_cosine",
     "logit_mse",
     "margin_mse",
+    "ofa_loss",
+    "ofa_target_weights",
     "optimal_ground_truth_weight",
     "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
     "sinkhorn",
     "skew_forward_kl",
     "skew_reverse_kl",
@@ -57,4 +79,5 @@ __all__ = [
     "taid_loss",
     "taid_target",
     "total_variation",
+    "trg",
 ]
