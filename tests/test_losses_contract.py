@@ -46,6 +46,8 @@ def _sources(
         "batch.labels": torch.randint(0, CLASSES, (rows,), generator=generator),
         "student.features": torch.randn(rows, *student_shape, generator=generator).to(dtype).requires_grad_(True),
         "teacher.features": torch.randn(rows, *teacher_shape, generator=generator).to(dtype).requires_grad_(True),
+        # which of a sample's patches were hidden (the last tokens of a token input are its patches)
+        "batch.patch_mask": torch.rand(rows, 3, generator=generator) < 0.6,
     }
 
 

@@ -5,7 +5,8 @@ A term names a registered loss and, for each tensor argument of that loss, the *
     student.logits            the trained model's output
     teacher.logits            the teacher's output (no gradient)
     batch.labels              the integer labels of the batch
-    batch.inputs              the (augmented) inputs
+    batch.inputs              the (augmented) inputs, as the teacher sees them
+    batch.patch_mask          [B, patches] bool, True where the trained model's input patch was hidden
     student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
     teacher.<path>.output     the same on the teacher
     student.features          the input of the model's last nn.Linear (penultimate features)
@@ -61,6 +62,7 @@ DEFAULT_SOURCES: dict[str, str] = {
     "teacher_logits": "teacher.logits",
     "labels": "batch.labels",
     "inputs": "batch.inputs",
+    "patch_mask": "batch.patch_mask",
     "student_scores": "student.logits",
     "teacher_scores": "teacher.logits",
     "student_features": "student.features",
@@ -68,8 +70,9 @@ DEFAULT_SOURCES: dict[str, str] = {
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
-KNOWN_SOURCES: tuple[str, ...] = ("student.logits", "teacher.logits", "batch.labels", "batch.inputs")
-"""Sources every stage provides (teacher ones when it has a teacher); feature sources come on top."""
+KNOWN_SOURCES: tuple[str, ...] = ("student.logits", "teacher.logits", "batch.labels", "batch.inputs", "batch.patch_mask")
+"""Sources a stage provides (teacher ones when it has a teacher, ``batch.patch_mask`` when it masks
+inputs: ``input_mask``); feature sources come on top."""
 
 INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "input_shapes")
 """Constructor arguments of module losses that the objective supplies itself."""

@@ -132,6 +132,13 @@ class TrainingSpec(Section):
     sync_batchnorm: bool = Field(default=False, description="synchronize BatchNorm statistics across processes")
 
 
+class InputMaskSpec(Section):
+    """Masked inputs for the trained model (G2SD's generic stage): patches hidden, the teacher sees all."""
+
+    patch_size: int = Field(ge=1, description="side of the square patches that are masked (the ViT's patch size)")
+    ratio: float = Field(default=0.75, gt=0.0, lt=1.0, description="share of the patches masked in each sample")
+
+
 class StageSpec(Section):
     """One stage: which model learns, from which teacher, with which objective."""
 
@@ -149,6 +156,9 @@ class StageSpec(Section):
     grad_accum_steps: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=None, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    input_mask: InputMaskSpec | None = Field(
+        default=None, description="hide random patches of the trained model's inputs; the source batch.patch_mask says which"
+    )
 
 
 class LinearProbeSpec(Section):

@@ -185,6 +185,14 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         "or a module path: student.<path>.output / teacher.<path>.input",
                     )
                 )
+            elif source == "batch.patch_mask" and stage.input_mask is None:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads batch.patch_mask, but stage '{stage.name}' masks no inputs; "
+                        "set `input_mask: {patch_size: ..., ratio: ...}` on the stage",
+                    )
+                )
             elif source.startswith("teacher.") and not has_teacher:
                 problems.append(
                     (

@@ -10,6 +10,30 @@ import torch
 from distill.hooks import FeatureCapture, parse_feature_source
 
 
+def mask_patches(inputs: torch.Tensor, patch_size: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero a random ``ratio`` of the ``patch_size`` x ``patch_size`` patches of each image.
+
+    Returns the masked images and the mask ``[B, patches]`` (True = hidden; patches in row-major
+    order, the order of a ViT's patch tokens). Each image hides exactly ``round(ratio * patches)``
+    patches (at least one, at most all but one), drawn from the global RNG (checkpointed, so a
+    resumed run draws the same masks). Inputs are normalized, so zero is the training mean.
+    """
+    if inputs.dim() != 4:
+        raise ValueError(f"input_mask needs images [B, C, H, W]; got inputs of shape {tuple(inputs.shape)}")
+    batch, _, height, width = inputs.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"input_mask.patch_size {patch_size} must divide the image size {height}x{width}")
+    rows, cols = height // patch_size, width // patch_size
+    patches = rows * cols
+    hidden = min(max(1, round(ratio * patches)), patches - 1) if patches > 1 else 1
+    order = torch.rand(batch, patches, device=inputs.device).argsort(dim=1)
+    mask = torch.zeros(batch, patches, dtype=torch.bool, device=inputs.device)
+    mask.scatter_(1, order[:, :hidden], True)
+    pixels = mask.view(batch, 1, rows, 1, cols, 1).expand(batch, 1, rows, patch_size, cols, patch_size)
+    pixels = pixels.reshape(batch, 1, height, width)
+    return inputs.masked_fill(pixels, 0.0), mask
+
+
 class ForwardPass:
     """Runs the trained model and the teacher on a batch and returns ``{source: tensor}``.
 
@@ -26,7 +50,9 @@ class ForwardPass:
         teacher: torch.nn.Module | None,
         required: Iterable[str],
         autocast: Callable[[], Any] = contextlib.nullcontext,
+        input_mask: Any = None,
     ) -> None:
+        self.input_mask = input_mask
         self.student = student
         self.model: torch.nn.Module = student
         self.teacher = teacher
@@ -53,8 +79,13 @@ class ForwardPass:
             self.teacher_capture.__exit__(*exc)
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        student_inputs, extra = inputs, {}
+        if self.input_mask is not None and self.student.training:
+            student_inputs, extra["batch.patch_mask"] = mask_patches(inputs, self.input_mask.patch_size, self.input_mask.ratio)
         with self.autocast():
-            sources: dict[str, torch.Tensor] = {"student.logits": self.model(inputs), "batch.labels": labels, "batch.inputs": inputs}
+            sources: dict[str, torch.Tensor] = {
+                "student.logits": self.model(student_inputs), "batch.labels": labels, "batch.inputs": inputs, **extra
+            }
             sources.update(self.student_capture.values)
             self.student_capture.clear()
             if self.runs_teacher:

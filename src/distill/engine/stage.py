@@ -196,12 +196,12 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
 
     terms = Objective.terms_from_spec(stage.objective)
     adapters = Objective.adapters_from_spec(stage.objective)
-    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast)
+    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast, stage.input_mask)
     source_shapes = None
     if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
         # Adapters and some losses are sized from one probing pass (adapter targets included).
         targets = {a.to for a in adapters.values() if a.to not in (None, "logits")}
-        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast)
+        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast, stage.input_mask)
         source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).

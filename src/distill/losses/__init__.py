@@ -28,6 +28,7 @@ from distill.losses.features import (
     rkd_angle,
     rkd_distance,
 )
+from distill.losses.g2sd import masked_feature_mse
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
 from distill.losses.logit_matching import logit_cosine, logit_mse
 from distill.losses.nd import NDLoss
@@ -65,6 +66,7 @@ __all__ = [
     "logit_cosine",
     "logit_mse",
     "margin_mse",
+    "masked_feature_mse",
     "ofa_loss",
     "ofa_target_weights",
     "optimal_ground_truth_weight",
