@@ -5,6 +5,7 @@
     distill report RUN_DIR|COMPARE_FOLDER
     distill list [models|datasets|losses|optimizers|schedulers]
     distill validate EXP.yaml [--set ...] [--print]
+    distill search-student EXP.yaml [--set ...] [--run RUN_DIR] [--reuse FOLDER] [--out DIR]
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     add_overrides(validate)
     validate.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
+
+    search = commands.add_parser("search-student", help="rank candidate students without training them (DisWOT)")
+    search.add_argument("config", help="experiment YAML file with a `search:` section")
+    add_overrides(search)
+    search.add_argument("--run", metavar="RUN_DIR", help="a run folder of this experiment holding the trained teacher stage")
+    search.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
+                        help="copy identical finished stages from run folders under FOLDER when the teacher must be trained")
+    search.add_argument("--out", metavar="DIR", help="output folder (default: <output_dir>/<name>/search-<timestamp>/)")
+    search.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -208,6 +218,44 @@ def _command_validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_search(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from distill.search import load_search_experiment, run_search
+
+    experiment = load_search_experiment(args.config, args.overrides)
+    show_bar = not args.no_progress and console.is_terminal
+    progress = Progress(
+        TextColumn("[bold blue]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
+        TimeElapsedColumn(), console=console, disable=not show_bar,
+    )
+    task = progress.add_task("search", total=None, name="")
+
+    def advance(done: int, total: int, name: str) -> None:
+        progress.update(task, completed=done, total=total, name=name)
+
+    with progress:
+        result, folder = run_search(
+            experiment, run_dir=args.run, reuse=args.reuse, out=args.out, progress=advance,
+            callbacks=_progress(console, args.no_progress), message=console.print,
+        )
+    table = Table(title="Students ranked by DisWOT score (training-free; higher is better)")
+    for column in ("rank", "candidate", "params", "semantic", "relation", "total"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in result.rows:
+        if row.total is None:
+            table.add_row("-", row.name, f"{row.num_params:,}", "-", "-", f"skipped: {row.skipped}")
+        else:
+            table.add_row(str(row.rank), row.name, f"{row.num_params:,}", f"{row.semantic:.4f}", f"{row.relation:.4f}", f"{row.total:.4f}")
+    out = _stdout()
+    out.print(table)
+    out.print(f"teacher: {result.teacher}", markup=False, highlight=False)
+    out.print(f"{result.mode}: {len(result.ranked)} of {result.space_size} candidates scored ({result.evaluated - len(result.ranked)} skipped) in {result.wall_time_s:.2f} s")
+    out.print(f"table: [bold]{folder / 'search.md'}[/bold]")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
@@ -217,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _command_report,
         "list": _command_list,
         "validate": _command_validate,
+        "search-student": _command_search,
     }
     from distill.config import ConfigError
 

@@ -209,6 +209,57 @@ class CompareSpec(Section):
         return seeds
 
 
+class SearchSpaceSpec(Section):
+    """A search space of students: one architecture, each parameter a list of choices (their product)."""
+
+    arch: str = Field(description="registered architecture (`distill list models`) or 'package.module:Class'")
+    params: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="parameter -> list of choices; a list-valued parameter's choices are lists: hidden: [[16], [32]]",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _non_empty_choices(cls, params: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, choices in params.items():
+            if not choices:
+                raise ValueError(f"search.space.params.{key}: give at least one choice")
+        return params
+
+
+class EvolutionSpec(Section):
+    """The evolutionary search used when the space has more members than `search.budget`."""
+
+    population: int = Field(default=8, ge=2, description="candidates kept after each generation (top-k by score)")
+    generations: int = Field(default=6, ge=1, description="rounds of selection, mutation and evaluation")
+    tournament: int = Field(default=3, ge=1, description="a parent is the best of this many population members")
+
+
+class SearchSpec(Section):
+    """`distill search-student`: rank candidate students without training them (DisWOT, CVPR 2023)."""
+
+    teacher: str = Field(description="a stage (its trained model) or a key in `models` with `weights:`")
+    candidates: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="name -> model spec of each candidate student (or give `space`)"
+    )
+    space: SearchSpaceSpec | None = Field(default=None, description="a product of parameter choices (or give `candidates`)")
+    budget: int = Field(default=64, ge=1, description="enumerate a space of at most this many members, else evolve")
+    max_params: int | None = Field(default=None, ge=1, description="skip candidates with more parameters than this")
+    batch_size: int = Field(default=64, ge=2, description="samples per scoring minibatch")
+    num_batches: int = Field(default=1, ge=1, description="minibatches whose scores are averaged")
+    split: Literal["train", "val"] = Field(default="train", description="split the minibatches are drawn from")
+    seed: int = Field(default=0, description="seeds candidate initialization, minibatches and evolution")
+    semantic_weight: float = Field(default=1.0, ge=0.0, description="weight of the semantic score in the total")
+    relation_weight: float = Field(default=1.0, ge=0.0, description="weight of the relation score in the total")
+    evolution: EvolutionSpec = Field(default_factory=EvolutionSpec)
+
+    @model_validator(mode="after")
+    def _one_kind_of_candidates(self) -> "SearchSpec":
+        if bool(self.candidates) == (self.space is not None):
+            raise ValueError("give exactly one of `candidates` (a list of students) and `space` (a search space)")
+        return self
+
+
 class Experiment(Section):
     """A whole experiment: the root of the YAML file."""
 
@@ -226,6 +277,7 @@ class Experiment(Section):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     compare: CompareSpec = Field(default_factory=CompareSpec)
+    search: SearchSpec | None = Field(default=None, description="`distill search-student`: training-free student search")
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -236,6 +236,11 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
             )
         earlier.setdefault(stage.name, stage)
 
+    if experiment.search is not None:
+        from distill.search import search_problems
+
+        problems += search_problems(experiment)
+
     stage_names = [s.name for s in experiment.stages]
     if experiment.evaluation.reference is not None and experiment.evaluation.reference not in stage_names:
         problems.append(
