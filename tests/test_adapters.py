@@ -44,6 +44,18 @@ def test_every_kind_produces_the_target_shape(kind, in_shape, target, expected) 
     assert all(p.grad is not None for p in module.parameters())
 
 
+def test_token_pool_can_skip_a_class_token_and_keeps_the_patch_layout() -> None:
+    adapter = build_adapter("t", Adapter("token_pool", params={"skip_tokens": 1}), (17, 8), (8, 4, 4))
+    with torch.no_grad():
+        adapter.proj.weight.copy_(torch.eye(8))
+        adapter.proj.bias.zero_()
+    tokens = torch.randn(2, 17, 8)
+    out = adapter(tokens)  # patch token 1 + 4 * row + col lands at [:, :, row, col]
+    torch.testing.assert_close(out[:, :, 2, 3], tokens[:, 1 + 4 * 2 + 3])
+    with pytest.raises(ValueError, match="skip_tokens 17 must leave at least one token"):
+        build_adapter("t", Adapter("token_pool", params={"skip_tokens": 17}), (17, 8), (8,))
+
+
 def test_shapes_that_do_not_fit_the_kind_are_refused() -> None:
     with pytest.raises(ValueError, match=r"adapter 'p' \(conv1x1\) maps feature maps \[C, H, W\] to feature maps; its input is \[16\]"):
         build_adapter("p", Adapter("conv1x1"), (16,), (8, 4, 4))

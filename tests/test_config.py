@@ -243,3 +243,19 @@ def test_an_untrained_teacher_must_be_asked_for(tiny) -> None:
     assert "models.teacher.random_init: true" in problem
     tiny["models"]["teacher"]["random_init"] = True
     assert load_experiment(tiny).models["teacher"].random_init
+
+
+def test_a_stage_optimizer_of_another_kind_drops_the_top_level_params(tiny) -> None:
+    from distill.engine.stage import _merged
+
+    tiny["optimizer"] = {"name": "sgd", "lr": 0.1, "params": {"momentum": 0.9}}
+    tiny["stages"][1]["optimizer"] = {"name": "adamw", "lr": 0.002}
+    experiment = load_experiment(tiny)
+    merged = _merged(experiment.optimizer, experiment.stages[1].optimizer)
+    assert (merged.name, merged.lr, merged.params) == ("adamw", 0.002, {})
+    same_kind = _merged(experiment.optimizer, experiment.optimizer.model_copy(update={"lr": 0.5}))
+    assert same_kind.params == {"momentum": 0.9}
+    # a parameter the merged optimizer does not take is reported at the stage's key
+    tiny["stages"][1]["optimizer"] = {"lr": 0.002, "params": {"betas": [0.9, 0.99]}}
+    [problem] = problems_of(tiny)
+    assert "stages[1].optimizer.params.betas" in problem and "sgd" in problem

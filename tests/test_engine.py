@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -219,3 +220,28 @@ def test_a_teacher_name_means_an_earlier_stage_else_a_model(tmp_path: Path, tiny
     assert [row["is_reference"] for row in result.rows] == [True, False, False]
     # the later stage trained its own network: its weights are not what the student learned from
     assert result.rows[0]["test"]["accuracy"] != result.rows[2]["test"]["accuracy"]
+
+
+def test_stage_fingerprints_follow_what_changes_the_result(tiny) -> None:
+    from distill.engine.runner import stage_fingerprint
+
+    def fingerprint(experiment: dict) -> str:
+        loaded = load_experiment(experiment)
+        return stage_fingerprint(loaded, loaded.stages[1], "data", {"teacher": "t"})
+
+    tiny["training"]["grad_clip"] = 1.0
+    base = fingerprint(tiny)
+    same = copy.deepcopy(tiny)
+    same["stages"][1]["objective"]["adapters"] = {}  # a default written out
+    same["evaluation"]["linear_probe"] = {}  # only the final table
+    same["stages"][1]["grad_clip"] = 1.0  # what it inherits anyway
+    assert fingerprint(same) == base
+    for change in (
+        lambda e: e["stages"][1].update(grad_clip=None),  # no clipping in this stage
+        lambda e: e["stages"][1].update(optimizer={"lr": 0.01}),
+        lambda e: e["data"].update(batch_size=32),
+        lambda e: e["stages"][1]["objective"]["terms"][1]["params"].update(temperature=3.0),
+    ):
+        other = copy.deepcopy(tiny)
+        change(other)
+        assert fingerprint(other) != base

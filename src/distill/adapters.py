@@ -30,7 +30,8 @@ Kinds (shapes are of one sample; ``[D]`` a vector, ``[N, D]`` tokens, ``[C, H, W
     width differ, the result is resized to them (bilinear).
 ``token_pool``
     Between token sequences and maps or vectors: a map ``[C, H, W]`` is read as tokens
-    ``[H*W, C]``; tokens are average-pooled to the target's token count (``[N', D']`` target) or
+    ``[H*W, C]``; ``params: {skip_tokens: k}`` drops the first ``k`` tokens (a ViT's class token)
+    first; tokens are average-pooled to the target's token count (``[N', D']`` target) or
     to one vector (``[D']`` target), then a ``Linear`` maps the channels. A ``[C', H', W']``
     target gets tokens pooled to ``H'*W'`` and laid out as a map.
 ``logit_branch``
@@ -104,8 +105,9 @@ class _Conv1x1(nn.Module):
 
 
 class _TokenPool(nn.Module):
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], skip_tokens: int = 0) -> None:
         super().__init__()
+        self.skip_tokens = skip_tokens
         in_channels = in_shape[0] if len(in_shape) == 3 else in_shape[-1]
         self.out_shape = out_shape
         if len(out_shape) == 1:
@@ -120,6 +122,7 @@ class _TokenPool(nn.Module):
         tokens = _as_tokens(x)
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(1)
+        tokens = tokens[:, self.skip_tokens :]
         if self.tokens is None:
             return self.proj(tokens.mean(dim=1))
         pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.tokens).transpose(1, 2)
@@ -211,7 +214,10 @@ def build_adapter(
     if kind == "token_pool":
         if len(in_shape) not in (2, 3):
             raise fail("reads tokens [N, D] or maps [C, H, W]")
-        return _TokenPool(in_shape, out_shape)
+        skip = int(adapter.params.get("skip_tokens", 0))
+        if not 0 <= skip < (in_shape[0] if len(in_shape) == 2 else in_shape[1] * in_shape[2]):
+            raise fail(f"params.skip_tokens {skip} must leave at least one token")
+        return _TokenPool(in_shape, out_shape, skip)
     if kind == "logit_branch":
         if len(out_shape) != 1 or len(in_shape) not in (1, 2, 3):
             raise fail("maps a vector, tokens or a map to logits [K]")
@@ -226,5 +232,5 @@ def build_adapter(
     raise ValueError(f"unknown adapter kind '{kind}'")  # pragma: no cover - Adapter checks the kind
 
 
-ADAPTER_PARAMS = {"decoder": ("depth", "heads")}
+ADAPTER_PARAMS = {"decoder": ("depth", "heads"), "token_pool": ("skip_tokens",)}
 """Keys each kind accepts in ``params``."""

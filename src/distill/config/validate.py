@@ -226,14 +226,15 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
     earlier: dict[str, StageSpec] = {}
     for index, stage in enumerate(experiment.stages):
         problems += _check_stage(experiment, index, stage, earlier)
+        # what the stage runs: its keys merged into the top-level section
+        from distill.engine.stage import _merged
+
         if stage.optimizer is not None:
-            problems += _check_component(
-                OPTIMIZERS, stage.optimizer.name, stage.optimizer.params, ("stages", index, "optimizer"), "name"
-            )
+            optimizer = _merged(experiment.optimizer, stage.optimizer)
+            problems += _check_component(OPTIMIZERS, optimizer.name, optimizer.params, ("stages", index, "optimizer"), "name")
         if stage.scheduler is not None:
-            problems += _check_component(
-                SCHEDULERS, stage.scheduler.name, stage.scheduler.params, ("stages", index, "scheduler"), "name"
-            )
+            scheduler = _merged(experiment.scheduler, stage.scheduler)
+            problems += _check_component(SCHEDULERS, scheduler.name, scheduler.params, ("stages", index, "scheduler"), "name")
         earlier.setdefault(stage.name, stage)
 
     if experiment.search is not None:

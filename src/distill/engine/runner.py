@@ -85,21 +85,33 @@ def latest_run_dir(experiment: Experiment) -> Path | None:
 
 
 def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint: str, upstream: dict[str, str]) -> str:
-    """A hash of everything that determines a stage's result, used to reuse it across runs."""
-    training = experiment.training.model_dump(mode="json")
+    """A hash of everything that determines a stage's result, used to reuse it across runs.
+
+    Sections are hashed without the keys left at their defaults, so a later version that adds an
+    option (with a default that keeps the old behaviour) still recognizes earlier results. The
+    stage's training settings enter as resolved (stage value over the experiment's default).
+    """
+    from distill.engine.stage import _merged, _setting
+
+    def dump(section: Any, **kwargs: Any) -> Any:
+        return section.model_dump(mode="json", exclude_defaults=True, **kwargs) if section is not None else None
+
+    inherited = ("epochs", "max_steps", "grad_accum_steps", "grad_clip", "mixed_precision", "optimizer", "scheduler")
     payload = {
-        "stage": stage.model_dump(mode="json"),  # the name too: it seeds the stage's random draws
-        "model": experiment.models[stage.model].model_dump(mode="json"),
-        "teacher": upstream.get(stage.teacher) if stage.teacher in upstream else (
-            experiment.models[stage.teacher].model_dump(mode="json") if stage.teacher else None
+        "stage": dump(stage, exclude=set(inherited)),  # the name too: it seeds the stage's random draws
+        "settings": {name: _setting(stage, experiment.training, name) for name in inherited[:5]},
+        "model": dump(experiment.models[stage.model]),
+        "teacher": upstream.get(stage.teacher) if stage.teacher in upstream else dump(
+            experiment.models[stage.teacher] if stage.teacher else None
         ),
         "init_from": upstream.get(stage.init_from) if stage.init_from else None,
-        "data": experiment.data.model_dump(mode="json"),
+        "data": dump(experiment.data),
         "data_fingerprint": data_fingerprint,
-        "training": training,
-        "optimizer": (stage.optimizer or experiment.optimizer).model_dump(mode="json"),
-        "scheduler": (stage.scheduler or experiment.scheduler).model_dump(mode="json"),
-        "evaluation": experiment.evaluation.model_dump(mode="json", exclude={"latency", "reference"}),
+        "sync_batchnorm": experiment.training.sync_batchnorm,
+        "optimizer": dump(_merged(experiment.optimizer, stage.optimizer)),
+        "scheduler": dump(_merged(experiment.scheduler, stage.scheduler)),
+        # per-epoch evaluation picks the best epoch; the final-table options do not change a stage
+        "evaluation": dump(experiment.evaluation, exclude={"latency", "reference", "linear_probe"}),
         "seed": experiment.seed,
         "metric": experiment.compare.metric,
     }

@@ -47,8 +47,8 @@ def _merged(section: Any, override: Any) -> Any:
     if override is None:
         return section
     updates = {key: getattr(override, key) for key in override.model_fields_set}
-    if "name" in updates and updates["name"] != section.name and "params" not in updates:
-        updates["params"] = {}
+    if "name" in updates and updates["name"] != section.name:
+        updates["params"] = dict(updates.get("params", {}))  # another optimizer: none of the old one's params
     elif "params" in updates:
         updates["params"] = {**section.params, **updates["params"]}
     return section.model_copy(update=updates)
