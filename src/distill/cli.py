@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     add_overrides(validate)
     validate.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
 
+    cka = commands.add_parser("cka", help="linear CKA between a student's and a teacher's layers in a finished run")
+    cka.add_argument("run_dir", help="run folder (runs/<experiment>/<timestamp>)")
+    cka.add_argument("--student", required=True, help="stage whose model is compared")
+    cka.add_argument("--teacher", required=True, help="stage (or `models` key) it is compared with")
+    cka.add_argument("--student-layers", default=None, help="comma-separated module paths (default: the model's stages)")
+    cka.add_argument("--teacher-layers", default=None, help="comma-separated module paths (default: the model's stages)")
+    cka.add_argument("--samples", type=int, default=1000, help="samples of the split used (default 1000)")
+    cka.add_argument("--split", default="test", choices=["test", "val", "train"])
+
     search = commands.add_parser("search-student", help="rank candidate students without training them (DisWOT)")
     search.add_argument("config", help="experiment YAML file with a `search:` section")
     add_overrides(search)
@@ -218,6 +227,36 @@ def _command_validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_cka(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from distill.diagnostics import run_cka
+    from distill.io import atomic_write_json
+
+    def layers(text: str | None) -> list[str] | None:
+        return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+    result = run_cka(
+        args.run_dir, args.student, args.teacher, student_layers=layers(args.student_layers),
+        teacher_layers=layers(args.teacher_layers), samples=args.samples, split=args.split,
+    )
+    _stdout().print(
+        f"linear CKA, {args.student} (rows) vs {args.teacher} (columns), {result['samples']} {args.split} samples",
+        markup=False, highlight=False,
+    )
+    table = Table()
+    table.add_column("student layer")
+    for name in result["teacher_layers"]:
+        table.add_column(name, justify="right")
+    for name, values in zip(result["student_layers"], result["cka"]):
+        table.add_row(name, *(f"{v:.3f}" for v in values))
+    _stdout().print(table)
+    path = Path(args.run_dir) / f"cka-{args.student}-{args.teacher}.json"
+    atomic_write_json(path, result)
+    _stdout().print(f"written: [bold]{path}[/bold]")
+    return 0
+
+
 def _command_search(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -262,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _command_run,
         "compare": _command_compare,
+        "cka": _command_cka,
         "report": _command_report,
         "list": _command_list,
         "validate": _command_validate,
