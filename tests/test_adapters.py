@@ -91,7 +91,7 @@ def test_an_adapted_source_feeds_the_loss_and_is_computed_once() -> None:
         projection.weight.copy_(torch.randn(6, 4))
         projection.bias.zero_()
     same = objective({"student.features": student, "teacher.features": projection(student).detach()}).terms["hint"]
-    assert float(same) == pytest.approx(0.0, abs=1e-12)
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-12)
     calls = []
     projection.register_forward_hook(lambda *args: calls.append(1))
     both = Objective(
@@ -166,3 +166,32 @@ def test_a_wrong_adapter_target_path_fails_before_any_stage_trains(tmp_path: Pat
         run_experiment(load_experiment(experiment))
     run_dir = next((tmp_path / "tiny").iterdir())
     assert not (run_dir / "stages").exists()
+
+
+def test_nd_gets_the_teachers_class_means_before_training(tmp_path: Path) -> None:
+    from distill.data import load_data
+    from distill.engine.context import STAGE_WEIGHTS
+    from distill.models.build import build_model, load_weights
+
+    experiment = tiny_experiment(tmp_path)
+    experiment["checkpoint"] = {"every_steps": 5}
+    objective = experiment["stages"][1]["objective"]
+    objective["adapters"] = {"proj": {"kind": "linear", "to": "teacher.features"}}
+    objective["terms"].append({"name": "nd", "loss": "nd", "inputs": {"student_features": "student.features -> proj"}})
+    loaded = load_experiment(experiment)
+    result = run_experiment(loaded)
+    checkpoint = sorted((result.run_dir / "checkpoints" / "distilled").iterdir())[-1]
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert bool(weights["objective.losses.nd.ready"])
+    # the means are those of the trained teacher's penultimate features over the training split
+    data = load_data(loaded.data)
+    teacher = build_model(loaded.models["teacher"], num_classes=data.num_classes, input_shape=data.input_shape)
+    load_weights(teacher, result.run_dir / "stages" / "teacher" / STAGE_WEIGHTS)
+    teacher.eval()
+    with torch.no_grad():
+        features = teacher.features(data.train.inputs.flatten(1))
+    expected = torch.stack([features[data.train.labels == k].mean(0) for k in range(data.num_classes)])
+    torch.testing.assert_close(weights["objective.losses.nd.class_means"], expected, rtol=1e-4, atol=1e-5)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    nd = [r["terms"]["nd"] for r in records if r["kind"] == "train" and r["stage"] == "distilled"]
+    assert nd[-1] < nd[0]
