@@ -47,6 +47,8 @@ def build_case(name: str, sources: dict[str, torch.Tensor], classes: int) -> Obj
     needed = [DEFAULT_SOURCES.get(argument) for argument in required]
     if any(source is None or source not in sources for source in needed):
         return None
+    if "student.logits" not in needed:  # a feature or relation loss: not a logit loss
+        return None
     if name == "margin_mse":  # pairs of scores, not class logits
         return None
     shapes = {source: tuple(tensor.shape[1:]) for source, tensor in sources.items()}
