@@ -79,6 +79,21 @@ def _zeros_like_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.flatten(1)[:, :0].sum(dim=-1)
 
 
+def _relation_rows(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, reduction: str, *, what: str, minimum: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Size, torch.Tensor | None]:
+    """Checked, flattened valid rows ``[P, D]`` of a relation loss, its mask and ``[B]``, and the
+    value to return at once (0 with a zero gradient) when fewer than ``minimum`` rows are valid."""
+    _check_batch(student, teacher, what=what)
+    _check_reduction(reduction)
+    student_rows, teacher_rows, mask, leading_shape = _batch_rows(student, teacher, mask)
+    student_rows, teacher_rows = student_rows.flatten(1), teacher_rows.flatten(1)
+    early = None
+    if student_rows.shape[0] < minimum:
+        early = reduce_rows(_zeros_like_rows(student_rows), mask, leading_shape, reduction)
+    return student_rows, teacher_rows, mask, leading_shape, early
+
+
 def huber(x: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
     """Huber loss of ``x``: ``x^2 / 2`` for ``|x| <= delta``, ``delta (|x| - delta / 2)`` beyond."""
     absolute = x.abs()
@@ -269,14 +284,12 @@ def rkd_distance(
     its ``mu`` skips zero distances.) The paper weights this term by ``lambda_D = 25`` (put it in
     the term's weight). Fewer than 2 valid rows give 0.
     """
-    _check_batch(student_features, teacher_features, what="rkd_distance")
-    _check_reduction(reduction)
-    student_rows, teacher_rows, mask, leading_shape = _batch_rows(student_features, teacher_features, mask)
-    student_rows = student_rows.flatten(1)
-    teacher_rows = teacher_rows.flatten(1)
+    student_rows, teacher_rows, mask, leading_shape, early = _relation_rows(
+        student_features, teacher_features, mask, reduction, what="rkd_distance", minimum=2
+    )
+    if early is not None:
+        return early
     count = student_rows.shape[0]
-    if count < 2:
-        return reduce_rows(_zeros_like_rows(student_rows), mask, leading_shape, reduction)
     psi_student = _normalized_distances(student_rows)
     with torch.no_grad():
         psi_teacher = _normalized_distances(teacher_rows)
@@ -325,14 +338,12 @@ def rkd_angle(
     ones included; the paper weights this term by ``lambda_A = 50``.) Fewer than 3 valid rows
     give 0.
     """
-    _check_batch(student_features, teacher_features, what="rkd_angle")
-    _check_reduction(reduction)
-    student_rows, teacher_rows, mask, leading_shape = _batch_rows(student_features, teacher_features, mask)
-    student_rows = student_rows.flatten(1)
-    teacher_rows = teacher_rows.flatten(1)
+    student_rows, teacher_rows, mask, leading_shape, early = _relation_rows(
+        student_features, teacher_features, mask, reduction, what="rkd_angle", minimum=3
+    )
+    if early is not None:
+        return early
     count = student_rows.shape[0]
-    if count < 3:
-        return reduce_rows(_zeros_like_rows(student_rows), mask, leading_shape, reduction)
     psi_student = _angles(student_rows)
     with torch.no_grad():
         psi_teacher = _angles(teacher_rows)
@@ -396,14 +407,12 @@ def cka_loss(
     ``none`` gives the ``l_i`` (which can be negative individually). Fewer than 2 valid rows
     give 0. The teacher is detached.
     """
-    _check_batch(student_features, teacher_features, what="cka_loss")
-    _check_reduction(reduction)
-    student_rows, teacher_rows, mask, leading_shape = _batch_rows(student_features, teacher_features, mask)
-    student_rows = student_rows.flatten(1)
-    teacher_rows = teacher_rows.flatten(1)
+    student_rows, teacher_rows, mask, leading_shape, early = _relation_rows(
+        student_features, teacher_features, mask, reduction, what="cka_loss", minimum=2
+    )
+    if early is not None:
+        return early
     count = student_rows.shape[0]
-    if count < 2:
-        return reduce_rows(_zeros_like_rows(student_rows), mask, leading_shape, reduction)
     contributions, _ = _cka_parts(student_rows, teacher_rows)
     per_row = 1.0 - count * contributions
     return reduce_rows(per_row, mask, leading_shape, reduction)
