@@ -195,3 +195,54 @@ def test_nd_gets_the_teachers_class_means_before_training(tmp_path: Path) -> Non
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     nd = [r["terms"]["nd"] for r in records if r["kind"] == "train" and r["stage"] == "distilled"]
     assert nd[-1] < nd[0]
+
+
+def test_every_feature_method_trains_from_yaml(tmp_path: Path) -> None:
+    """CNN and ViT pairs on digits with every feature and relation loss in one objective each."""
+    experiment = tiny_experiment(tmp_path)
+    experiment["models"] = {
+        "cnn_teacher": {"arch": "resnet8", "random_init": True},
+        "cnn_student": {"arch": "resnet8", "params": {"width": 0.5}},
+        "vit_teacher": {"arch": "vit", "params": {"patch_size": 2, "dim": 32, "depth": 2, "heads": 2}, "random_init": True},
+        "vit_student": {"arch": "vit", "params": {"patch_size": 2, "dim": 16, "depth": 2, "heads": 2}},
+    }
+    experiment["training"] = {"epochs": 1, "max_steps": 3}
+    experiment["stages"] = [
+        {
+            "name": "cnn", "model": "cnn_student", "teacher": "cnn_teacher",
+            "objective": {
+                "adapters": {"hint": {"kind": "conv1x1", "to": "teacher.layer2.output"},
+                             "proj": {"kind": "linear", "to": "teacher.features"}},
+                "terms": [
+                    {"loss": "cross_entropy"},
+                    {"loss": "feature_mse", "inputs": {"student_features": "student.layer2.output -> hint",
+                                                        "teacher_features": "teacher.layer2.output"}},
+                    {"loss": "attention_transfer", "inputs": {"student_features": "student.layer3.output",
+                                                               "teacher_features": "teacher.layer3.output"}},
+                    {"loss": "rkd_distance"}, {"loss": "rkd_angle"}, {"loss": "cka_loss"},
+                    {"loss": "nd", "inputs": {"student_features": "student.features -> proj"}},
+                ],
+            },
+        },
+        {
+            "name": "vit", "model": "vit_student", "teacher": "vit_teacher",
+            "objective": {
+                "adapters": {"tokens": {"kind": "linear", "to": "teacher.blocks.1.output"},
+                             "branch": {"kind": "logit_branch", "to": "logits"}},
+                "terms": [
+                    {"loss": "cross_entropy"},
+                    {"loss": "trg", "params": {"inter_tokens": 8},
+                     "inputs": {"student_features": "student.blocks.1.output -> tokens",
+                                "teacher_features": "teacher.blocks.1.output"}},
+                    {"loss": "ofa_loss", "name": "ofa_branch", "inputs": {"student_logits": "student.blocks.0.output -> branch"}},
+                ],
+            },
+        },
+    ]
+    result = run_experiment(load_experiment(experiment))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {name for r in records if r["kind"] == "train" for name in r["terms"]}
+    assert {"feature_mse", "attention_transfer", "rkd_distance", "rkd_angle", "cka_loss", "nd", "trg", "ofa_branch"} <= logged
+    for r in records:
+        if r["kind"] == "train":
+            assert all(value == value and abs(value) < 1e6 for value in r["terms"].values())  # finite
