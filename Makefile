@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# a reference implementation the tests compare against; its loss modules need only torch
+	# reference implementations the tests compare against; the modules used need only torch
 	$(BIN)/python -m pip install --quiet --no-deps torchdistill==1.1.5
+	# Liger-Kernel's chunked losses (pure PyTorch; its triton kernels are not used): a reference
+	$(BIN)/python -m pip install --quiet --no-deps liger-kernel==0.8.5
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,7 @@ are described in :mod:`distill.losses._common`.
 """
 
 from distill.losses.bdkd import bdkd
+from distill.losses.chunked import fused_linear_distill
 from distill.losses.dac_kl import dac_kl
 from distill.losses.divergences import (
     forward_kl,
@@ -57,6 +58,7 @@ __all__ = [
     "dkd",
     "feature_mse",
     "forward_kl",
+    "fused_linear_distill",
     "generalized_jsd",
     "gt_weighted_kd",
     "hinton_kd",
