@@ -7,7 +7,7 @@ STAMP := $(VENV)/.distill-installed
 .PHONY: install demo test test-slow fashion clean
 
 # torch is installed first and pinned: an open range would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"

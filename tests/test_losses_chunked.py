@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,4 +168,17 @@ def test_equals_liger_kernels_fused_linear_jsd(beta, temperature) -> None:
     ours = fused_linear_distill(sh, sw, th, tw, labels, divergence="generalized_jsd", params={"beta": beta, "temperature": temperature})
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
     for got, want in zip(torch.autograd.grad(ours, (sh, sw)), torch.autograd.grad(expected, (sh, sw))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_chunk_equals_the_eager_one() -> None:
+    sh, sw, sb, th, tw, labels, mask = _problem(dtype=torch.float32, tokens=(2, 24), hidden=(8, 8), vocab=64)
+    kwargs = {"divergence": "forward_kl", "params": {"temperature": 2.0}, "ce_weight": 0.5, "mask": mask, "chunk_rows": 10}
+    eager = fused_linear_distill(sh, sw, th, tw, labels, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = fused_linear_distill(sh, sw, th, tw, labels, compile=True, **kwargs)
+    assert not [w for w in caught if "fused_linear_distill" in str(w.message)]  # compiled, no fallback
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(compiled, (sh, sw)), torch.autograd.grad(eager, (sh, sw))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
