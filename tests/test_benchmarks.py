@@ -25,3 +25,22 @@ def test_loss_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert {"hinton_kd", "dkd", "taid", "dual_head_kd", "tgeo_kd", "sinkhorn"} <= set(result["seconds"])
     assert result["measured_at_rows"]["sinkhorn"] == 16 and result["measured_at_rows"]["dkd"] == 32
     assert "vs forward_kl" in completed.stdout
+
+
+def test_chunked_loss_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "chunked.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cases = "floor,naive_kl,trl_jsd,liger_jsd_eager,ours_kl,ours_jsd"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "chunked_loss.py"), "--shapes", "64x16x300", "--repeats", "1",
+         "--cases", cases, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    [shape] = json.loads(out.read_text())["shapes"]
+    rows = {row["case"]: row for row in shape["rows"]}
+    assert set(rows) == set(cases.split(","))
+    assert all("seconds" in row for row in rows.values()), rows
+    assert rows["ours_kl"]["vs_floor"] > 0 and "floor" in completed.stdout
+    # the same quantity: our generalized JSD and TRL's on the same inputs
+    assert abs(rows["ours_jsd"]["value"] - rows["trl_jsd"]["value"]) < 1e-5 * abs(rows["trl_jsd"]["value"]) + 1e-7
