@@ -78,8 +78,9 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 }
 """The divergences :func:`fused_linear_distill` can fuse, by name (the dense function of each)."""
 
-CHUNK_ELEMENTS = 1 << 22
-"""Default chunk: about this many logits per chunk (16 MB in float32), at least 16 rows."""
+CHUNK_ELEMENTS = 1 << 24
+"""Default chunk: about this many logits per chunk (64 MB in float32), at least 16 rows: large
+enough for efficient matmuls (341 rows at a 49k vocabulary), small beside the full logits."""
 
 
 def default_chunk_rows(vocab: int) -> int:
