@@ -218,7 +218,7 @@ def test_an_experiment_can_extend_a_base_file(tmp_path: Path, tiny) -> None:
 
 def test_the_written_config_loads_back_to_the_same_experiment(tmp_path: Path, tiny) -> None:
     from distill.config.loader import dump_experiment
-    from distill.engine.stage import _setting
+    from distill.config.schema import stage_setting
 
     tiny["training"].update({"grad_accum_steps": 2, "grad_clip": 1.0})
     tiny["stages"][1].update({"epochs": 3, "grad_clip": None, "optimizer": {"lr": 0.01}})
@@ -229,10 +229,10 @@ def test_the_written_config_loads_back_to_the_same_experiment(tmp_path: Path, ti
     assert loaded.model_dump() == original.model_dump()
     for name in ("epochs", "grad_accum_steps", "grad_clip", "max_steps", "mixed_precision"):
         for before, after in zip(original.stages, loaded.stages):
-            assert _setting(after, loaded.training, name) == _setting(before, original.training, name), name
+            assert stage_setting(after, loaded.training, name) == stage_setting(before, original.training, name), name
     # a stage's null that disables clipping survives; an absent key still inherits
-    assert _setting(loaded.stages[1], loaded.training, "grad_clip") is None
-    assert _setting(loaded.stages[0], loaded.training, "grad_clip") == 1.0
+    assert stage_setting(loaded.stages[1], loaded.training, "grad_clip") is None
+    assert stage_setting(loaded.stages[0], loaded.training, "grad_clip") == 1.0
     assert loaded.stages[1].optimizer.model_fields_set == {"lr"}
 
 
@@ -246,14 +246,14 @@ def test_an_untrained_teacher_must_be_asked_for(tiny) -> None:
 
 
 def test_a_stage_optimizer_of_another_kind_drops_the_top_level_params(tiny) -> None:
-    from distill.engine.stage import _merged
+    from distill.config.schema import merged_section
 
     tiny["optimizer"] = {"name": "sgd", "lr": 0.1, "params": {"momentum": 0.9}}
     tiny["stages"][1]["optimizer"] = {"name": "adamw", "lr": 0.002}
     experiment = load_experiment(tiny)
-    merged = _merged(experiment.optimizer, experiment.stages[1].optimizer)
+    merged = merged_section(experiment.optimizer, experiment.stages[1].optimizer)
     assert (merged.name, merged.lr, merged.params) == ("adamw", 0.002, {})
-    same_kind = _merged(experiment.optimizer, experiment.optimizer.model_copy(update={"lr": 0.5}))
+    same_kind = merged_section(experiment.optimizer, experiment.optimizer.model_copy(update={"lr": 0.5}))
     assert same_kind.params == {"momentum": 0.9}
     # a parameter the merged optimizer does not take is reported at the stage's key
     tiny["stages"][1]["optimizer"] = {"lr": 0.002, "params": {"betas": [0.9, 0.99]}}

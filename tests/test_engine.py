@@ -190,7 +190,7 @@ def test_a_user_model_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_stage_overrides_merge_into_the_defaults(tiny) -> None:
-    from distill.engine.stage import _merged, _setting
+    from distill.config.schema import merged_section, stage_setting
 
     tiny["optimizer"] = {"name": "sgd", "lr": 0.1, "weight_decay": 0.01, "params": {"momentum": 0.5}}
     tiny["training"]["grad_clip"] = 1.0
@@ -199,12 +199,12 @@ def test_stage_overrides_merge_into_the_defaults(tiny) -> None:
     tiny["stages"][1]["optimizer"] = {"name": "adamw"}
     experiment = load_experiment(tiny)
     first, second = experiment.stages
-    merged = _merged(experiment.optimizer, first.optimizer)
+    merged = merged_section(experiment.optimizer, first.optimizer)
     assert (merged.name, merged.lr, merged.weight_decay, merged.params) == ("sgd", 0.05, 0.01, {"momentum": 0.5})
-    other = _merged(experiment.optimizer, second.optimizer)
+    other = merged_section(experiment.optimizer, second.optimizer)
     assert (other.name, other.lr, other.params) == ("adamw", 0.1, {})  # sgd's momentum does not carry over
-    assert _setting(first, experiment.training, "grad_clip") is None  # switched off explicitly
-    assert _setting(second, experiment.training, "grad_clip") == 1.0
+    assert stage_setting(first, experiment.training, "grad_clip") is None  # switched off explicitly
+    assert stage_setting(second, experiment.training, "grad_clip") == 1.0
 
 
 def test_a_teacher_name_means_an_earlier_stage_else_a_model(tmp_path: Path, tiny) -> None:

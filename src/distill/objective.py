@@ -303,10 +303,10 @@ class Objective(torch.nn.Module):
                 shapes[f"{base} -> {name}"] = tuple(probe.shape[1:])
         # the same adapted source may be written with or without spaces around the arrow
         for term in self.terms:
-            term.sources = {
-                argument: (f"{split_source(s)[0]} -> {split_source(s)[1]}" if split_source(s)[1] else s)
-                for argument, s in term.sources.items()
-            }
+            for argument, source in term.sources.items():
+                base, adapter = split_source(source)
+                if adapter is not None:
+                    term.sources[argument] = f"{base} -> {adapter}"
 
     @staticmethod
     def terms_from_spec(spec: Any) -> list[Term]:

@@ -260,6 +260,23 @@ class SearchSpec(Section):
         return self
 
 
+def stage_setting(stage: StageSpec, defaults: Any, name: str) -> Any:
+    """The stage's value where the stage sets the key (even to null), else the experiment's default."""
+    return getattr(stage, name) if name in stage.model_fields_set else getattr(defaults, name)
+
+
+def merged_section(section: Any, override: Any) -> Any:
+    """``section`` with the keys ``override`` sets replaced (its ``params`` kept if the name is the same)."""
+    if override is None:
+        return section
+    updates = {key: getattr(override, key) for key in override.model_fields_set}
+    if "name" in updates and updates["name"] != section.name:
+        updates["params"] = dict(updates.get("params", {}))  # another optimizer: none of the old one's params
+    elif "params" in updates:
+        updates["params"] = {**section.params, **updates["params"]}
+    return section.model_copy(update=updates)
+
+
 class Experiment(Section):
     """A whole experiment: the root of the YAML file."""
 

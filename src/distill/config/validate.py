@@ -227,13 +227,13 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
     for index, stage in enumerate(experiment.stages):
         problems += _check_stage(experiment, index, stage, earlier)
         # what the stage runs: its keys merged into the top-level section
-        from distill.engine.stage import _merged
+        from distill.config.schema import merged_section
 
         if stage.optimizer is not None:
-            optimizer = _merged(experiment.optimizer, stage.optimizer)
+            optimizer = merged_section(experiment.optimizer, stage.optimizer)
             problems += _check_component(OPTIMIZERS, optimizer.name, optimizer.params, ("stages", index, "optimizer"), "name")
         if stage.scheduler is not None:
-            scheduler = _merged(experiment.scheduler, stage.scheduler)
+            scheduler = merged_section(experiment.scheduler, stage.scheduler)
             problems += _check_component(SCHEDULERS, scheduler.name, scheduler.params, ("stages", index, "scheduler"), "name")
         earlier.setdefault(stage.name, stage)
 

@@ -91,7 +91,7 @@ def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint
     option (with a default that keeps the old behaviour) still recognizes earlier results. The
     stage's training settings enter as resolved (stage value over the experiment's default).
     """
-    from distill.engine.stage import _merged, _setting
+    from distill.config.schema import merged_section, stage_setting
 
     def dump(section: Any, **kwargs: Any) -> Any:
         return section.model_dump(mode="json", exclude_defaults=True, **kwargs) if section is not None else None
@@ -99,7 +99,7 @@ def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint
     inherited = ("epochs", "max_steps", "grad_accum_steps", "grad_clip", "mixed_precision", "optimizer", "scheduler")
     payload = {
         "stage": dump(stage, exclude=set(inherited)),  # the name too: it seeds the stage's random draws
-        "settings": {name: _setting(stage, experiment.training, name) for name in inherited[:5]},
+        "settings": {name: stage_setting(stage, experiment.training, name) for name in inherited[:5]},
         "model": dump(experiment.models[stage.model]),
         "teacher": upstream.get(stage.teacher) if stage.teacher in upstream else dump(
             experiment.models[stage.teacher] if stage.teacher else None
@@ -108,8 +108,8 @@ def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint
         "data": dump(experiment.data),
         "data_fingerprint": data_fingerprint,
         "sync_batchnorm": experiment.training.sync_batchnorm,
-        "optimizer": dump(_merged(experiment.optimizer, stage.optimizer)),
-        "scheduler": dump(_merged(experiment.scheduler, stage.scheduler)),
+        "optimizer": dump(merged_section(experiment.optimizer, stage.optimizer)),
+        "scheduler": dump(merged_section(experiment.scheduler, stage.scheduler)),
         # per-epoch evaluation picks the best epoch; the final-table options do not change a stage
         "evaluation": dump(experiment.evaluation, exclude={"latency", "reference", "linear_probe"}),
         "seed": experiment.seed,

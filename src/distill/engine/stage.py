@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distill.config.schema import StageSpec
+from distill.config.schema import StageSpec, merged_section, stage_setting
 from distill.data.transforms import augment_batch
 from distill.engine.batches import derive_seed, global_batches, local_slice, steps_per_epoch
 from distill.engine.checkpoint import (
@@ -37,35 +37,18 @@ from distill.engine.optim import build_optimizer, build_scheduler
 from distill.objective import Objective, required_sources
 
 
-def _setting(stage: StageSpec, defaults: Any, name: str) -> Any:
-    """The stage's value where the stage sets the key (even to null), else the experiment's default."""
-    return getattr(stage, name) if name in stage.model_fields_set else getattr(defaults, name)
-
-
-def _merged(section: Any, override: Any) -> Any:
-    """``section`` with the keys ``override`` sets replaced (its ``params`` kept if the name is the same)."""
-    if override is None:
-        return section
-    updates = {key: getattr(override, key) for key in override.model_fields_set}
-    if "name" in updates and updates["name"] != section.name:
-        updates["params"] = dict(updates.get("params", {}))  # another optimizer: none of the old one's params
-    elif "params" in updates:
-        updates["params"] = {**section.params, **updates["params"]}
-    return section.model_copy(update=updates)
-
-
 class StagePlan:
     """Resolved settings of a stage: stage values over the experiment's `training` defaults."""
 
     def __init__(self, context: RunContext, stage: StageSpec) -> None:
         experiment = context.experiment
         training = experiment.training
-        self.epochs: int = _setting(stage, training, "epochs")
-        self.grad_accum_steps: int = _setting(stage, training, "grad_accum_steps")
-        self.grad_clip: float | None = _setting(stage, training, "grad_clip")
-        self.mixed_precision: str = _setting(stage, training, "mixed_precision")
-        self.optimizer = _merged(experiment.optimizer, stage.optimizer)
-        self.scheduler = _merged(experiment.scheduler, stage.scheduler)
+        self.epochs: int = stage_setting(stage, training, "epochs")
+        self.grad_accum_steps: int = stage_setting(stage, training, "grad_accum_steps")
+        self.grad_clip: float | None = stage_setting(stage, training, "grad_clip")
+        self.mixed_precision: str = stage_setting(stage, training, "mixed_precision")
+        self.optimizer = merged_section(experiment.optimizer, stage.optimizer)
+        self.scheduler = merged_section(experiment.scheduler, stage.scheduler)
         self.batch_size = experiment.data.batch_size
         self.num_samples = len(context.data.train)
         self.batches_per_epoch = len(
@@ -77,7 +60,7 @@ class StagePlan:
                 f"{self.batch_size} on {context.world_size} process(es)"
             )
         self.steps_per_epoch = steps_per_epoch(self.batches_per_epoch, self.grad_accum_steps)
-        max_steps = _setting(stage, training, "max_steps")
+        max_steps = stage_setting(stage, training, "max_steps")
         self.total_steps = self.epochs * self.steps_per_epoch
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
