@@ -32,7 +32,7 @@ def test_the_probe_separates_separable_classes_and_not_random_labels() -> None:
 def test_features_of_reads_the_penultimate_layer() -> None:
     model = mlp(num_classes=3, input_shape=(4,), hidden=[8]).train()
     split = ArraySplit(torch.randn(10, 4), torch.randint(0, 3, (10,)))
-    features = features_of(model, split, "student.features", 4, torch.device("cpu"))
+    features = features_of(model, split, "student.features", 4)
     assert features.shape == (10, 8) and model.training
     model.eval()
     torch.testing.assert_close(model.head(features), model(split.inputs))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.hooks import FeatureCapture, FeatureSource, classifier_path, unwrap
+from distill.hooks import FeatureSource, capture_features, classifier_path, unwrap
 from distill.losses import linear_cka
 
 
@@ -39,24 +39,11 @@ def default_layers(model: nn.Module) -> list[str]:
     return layers
 
 
-@torch.no_grad()
 def layer_outputs(model: nn.Module, layers: list[str], inputs: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Each layer's output over ``inputs`` (eval mode), flattened to ``[N, D]`` float32 on the CPU."""
     sources = [FeatureSource("student", path, "output") for path in layers]
-    was_training = model.training
-    model.eval()
-    parts: dict[str, list[torch.Tensor]] = {path: [] for path in layers}
-    device = next(model.parameters()).device
-    try:
-        with FeatureCapture(model, sources, "model") as capture:
-            for start in range(0, len(inputs), batch_size):
-                model(inputs[start : start + batch_size].to(device))
-                for source in sources:
-                    parts[source.path].append(capture.values[source.name].float().flatten(1).cpu())
-                capture.clear()
-    finally:
-        model.train(was_training)
-    return {path: torch.cat(chunks) for path, chunks in parts.items()}
+    values = capture_features(model, sources, inputs, batch_size)
+    return {source.path: values[source.name] for source in sources}
 
 
 def cka_matrix(

@@ -140,3 +140,27 @@ class FeatureCapture:
             handle.remove()
         self._handles.clear()
         self.clear()
+
+
+@torch.no_grad()
+def capture_features(
+    model: nn.Module, sources: list[FeatureSource], inputs: torch.Tensor, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
+    """Each source's tensor over ``inputs`` (eval mode, in batches), flattened to ``[N, D]`` float32 on the CPU.
+
+    The model's training mode is restored afterwards; keys are the sources' names.
+    """
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {source.name: [] for source in sources}
+    device = next(model.parameters()).device
+    try:
+        with FeatureCapture(model, sources, "model") as capture:
+            for start in range(0, len(inputs), batch_size):
+                model(inputs[start : start + batch_size].to(device))
+                for source in sources:
+                    parts[source.name].append(capture.values[source.name].float().flatten(1).cpu())
+                capture.clear()
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -16,27 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.base import ArraySplit
-from distill.hooks import FeatureCapture, parse_feature_source
+from distill.hooks import capture_features, parse_feature_source
 
 
-@torch.no_grad()
-def features_of(model: torch.nn.Module, split: ArraySplit, source: str, batch_size: int, device: torch.device) -> torch.Tensor:
+def features_of(model: torch.nn.Module, split: ArraySplit, source: str, batch_size: int) -> torch.Tensor:
     """``source`` (a student feature source such as ``student.features``) for every sample, ``[N, D]`` float32."""
     feature = parse_feature_source(source)
     if feature is None or feature.model != "student":
         raise ValueError(f"evaluation.linear_probe.source must be a feature of the model, e.g. student.features; got '{source}'")
-    was_training = model.training
-    model.eval()
-    parts = []
-    try:
-        with FeatureCapture(model, [feature], "model") as capture:
-            for start in range(0, len(split), batch_size):
-                model(split.inputs[start : start + batch_size].to(device))
-                parts.append(capture.values[feature.name].float().flatten(1).cpu())
-                capture.clear()
-    finally:
-        model.train(was_training)
-    return torch.cat(parts)
+    return capture_features(model, [feature], split.inputs, batch_size)[feature.name]
 
 
 def fit_linear_probe(
@@ -72,11 +60,11 @@ def fit_linear_probe(
 
 
 def linear_probe_accuracy(
-    model: torch.nn.Module, train: ArraySplit, test: ArraySplit, num_classes: int, spec: Any, batch_size: int, device: torch.device
+    model: torch.nn.Module, train: ArraySplit, test: ArraySplit, num_classes: int, spec: Any, batch_size: int
 ) -> float:
     """Test accuracy of a linear probe fitted on ``model``'s features of ``train``."""
-    train_features = features_of(model, train, spec.source, batch_size, device)
+    train_features = features_of(model, train, spec.source, batch_size)
     probe = fit_linear_probe(train_features, train.labels, num_classes, l2=spec.l2, steps=spec.steps)
-    test_features = features_of(model, test, spec.source, batch_size, device)
+    test_features = features_of(model, test, spec.source, batch_size)
     predictions = probe(test_features).argmax(-1)
     return float((predictions == test.labels.cpu()).float().mean())

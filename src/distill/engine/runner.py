@@ -209,7 +209,7 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
         probe = experiment.evaluation.linear_probe
         if probe is not None:
             metrics["probe_accuracy"] = linear_probe_accuracy(
-                model, context.data.train, test, context.data.num_classes, probe, experiment.data.eval_batch_size, context.device
+                model, context.data.train, test, context.data.num_classes, probe, experiment.data.eval_batch_size
             )
         if experiment.evaluation.latency and context.is_main:
             row["latency_ms"] = cpu_latency_ms(model, example)
