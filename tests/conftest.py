@@ -58,3 +58,18 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict[str, Any]:
     return tiny_experiment(tmp_path / "runs")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Local folders: ``tokenizer`` (a tiny BPE with a chat template), ``teacher`` (2-layer Llama,
+    hidden 48) and ``student`` (1-layer Llama, hidden 32), both with that tokenizer."""
+    from tests.lm_fixtures import build_lm_folder, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    build_tokenizer(root / "tokenizer")
+    return {
+        "tokenizer": root / "tokenizer",
+        "teacher": build_lm_folder(root / "teacher", root / "tokenizer", layers=2, hidden=48, seed=1),
+        "student": build_lm_folder(root / "student", root / "tokenizer", layers=1, hidden=32, seed=2),
+    }

@@ -13,10 +13,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+IGNORE_INDEX = -100
+"""Label of a token position that is not a target (padding, prompt, the last position)."""
+
+TASKS = ("classification", "lm")
+
 
 @dataclass
 class ArraySplit:
-    """Inputs ``[N, ...]`` (images ``[N, C, H, W]`` float32, features ``[N, D]``) and labels ``[N]`` int64."""
+    """Inputs ``[N, ...]`` and labels, one row per sample.
+
+    Classification: inputs are images ``[N, C, H, W]`` float32 or features ``[N, D]``, labels ``[N]``
+    int64. Language modelling (``task="lm"``): inputs are token ids ``[N, T]`` int64, right-padded,
+    and labels ``[N, T]`` int64 are the *shifted* targets: ``labels[i, t]`` is the token that position
+    ``t`` must predict (``input_ids[i, t + 1]``), or :data:`IGNORE_INDEX` where position ``t`` is not
+    trained on (padding, prompt tokens, the last position). With causal attention and right padding,
+    no valid position attends to padding, so no attention mask is needed to train or score.
+    """
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -43,10 +56,18 @@ class RawDataset:
     test: ArraySplit | None
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    task: str = "classification"
+    """``classification`` or ``lm`` (token sequences; ``num_classes`` is then the vocabulary size)."""
+    meta: dict = field(default_factory=dict)
+    """What else the engine needs to know; for ``lm``: ``tokenizer`` (its source), ``tokenizer_hash``,
+    ``pad_token_id``, ``eos_token_id``, and ``prompt_tokens`` for plain text (the prefix used as a
+    prompt by on-policy and sequence-level distillation)."""
 
     def fingerprint(self) -> str:
         """sha256 over the arrays' bytes: identifies the exact data a run used."""
         digest = hashlib.sha256(self.name.encode())
+        if self.task != "classification":
+            digest.update(self.task.encode())
         for split in (self.train, self.test):
             if split is None:
                 continue
@@ -69,3 +90,9 @@ class DataBundle:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     fingerprint: str = ""
+    task: str = "classification"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.task == "lm"

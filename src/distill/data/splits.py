@@ -15,7 +15,7 @@ import json
 import torch
 
 from distill.config.schema import DataSpec
-from distill.data.base import ArraySplit, DataBundle, RawDataset
+from distill.data.base import IGNORE_INDEX, TASKS, ArraySplit, DataBundle, RawDataset
 
 #: Standard deviations are floored at this value so constant channels/features do not divide by 0.
 STD_FLOOR = 1e-6
@@ -95,8 +95,16 @@ def _carve(
         raise ValueError(
             f"{key} = {fraction} of {len(split)} samples leaves no training samples; lower {key}"
         )
-    held_out, kept = stratified_choice(split.labels, count, split_generator(split_seed, what), num_classes)
+    held_out, kept = _choice(split.labels, count, split_generator(split_seed, what), num_classes)
     return split.subset(kept), split.subset(held_out)
+
+
+def _choice(labels: torch.Tensor, count: int, generator: torch.Generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stratified_choice` for class labels ``[N]``; a uniform draw for token sequences."""
+    if labels.dim() == 1:
+        return stratified_choice(labels, count, generator, num_classes)
+    permutation = torch.randperm(int(labels.shape[0]), generator=generator)
+    return torch.sort(permutation[:count]).values, torch.sort(permutation[count:]).values
 
 
 def _subsample(
@@ -109,7 +117,7 @@ def _subsample(
             f"{key} = {count} is larger than the {what} split, which has {len(split)} samples; "
             f"lower {key} to at most {len(split)} or remove it"
         )
-    chosen, _ = stratified_choice(split.labels, count, split_generator(split_seed, f"{what}_subset"), num_classes)
+    chosen, _ = _choice(split.labels, count, split_generator(split_seed, f"{what}_subset"), num_classes)
     return split.subset(chosen)
 
 
@@ -162,7 +170,10 @@ def split_fingerprint(raw: RawDataset, spec: DataSpec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _check_labels(split: ArraySplit, num_classes: int, where: str) -> None:
+def _check_labels(split: ArraySplit, num_classes: int, where: str, task: str = "classification") -> None:
+    if task == "lm":
+        _check_tokens(split, num_classes, where)
+        return
     if split.labels.dtype != torch.int64:
         raise ValueError(f"{where} labels have dtype {split.labels.dtype}; data set builders must return int64 labels")
     if split.labels.dim() != 1:
@@ -171,6 +182,24 @@ def _check_labels(split: ArraySplit, num_classes: int, where: str) -> None:
         raise ValueError(
             f"{where} labels span {int(split.labels.min())}..{int(split.labels.max())} but the data set "
             f"declares num_classes = {num_classes}; labels must lie in 0..{num_classes - 1}"
+        )
+
+
+def _check_tokens(split: ArraySplit, vocab_size: int, where: str) -> None:
+    """Token ids ``[N, T]`` and shifted labels ``[N, T]`` (targets or IGNORE_INDEX) within the vocabulary."""
+    for name, tensor in (("input ids", split.inputs), ("labels", split.labels)):
+        if tensor.dtype != torch.int64 or tensor.dim() != 2:
+            raise ValueError(f"{where} {name} must be int64 [N, T]; got {tensor.dtype} {tuple(tensor.shape)}")
+    if split.inputs.shape != split.labels.shape:
+        raise ValueError(f"{where}: input ids {tuple(split.inputs.shape)} and labels {tuple(split.labels.shape)} differ in shape")
+    if not len(split):
+        return
+    targets = split.labels[split.labels != IGNORE_INDEX]
+    if int(split.inputs.min()) < 0 or int(split.inputs.max()) >= vocab_size:
+        raise ValueError(f"{where} token ids span {int(split.inputs.min())}..{int(split.inputs.max())}, outside the vocabulary of {vocab_size}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        raise ValueError(
+            f"{where} labels must be token ids in 0..{vocab_size - 1} or {IGNORE_INDEX}; got {int(targets.min())}..{int(targets.max())}"
         )
 
 
@@ -189,9 +218,11 @@ def prepare(raw: RawDataset, spec: DataSpec) -> DataBundle:
     not modified.
     """
     num_classes = raw.num_classes
-    _check_labels(raw.train, num_classes, f"data set '{raw.name}' train")
+    if raw.task not in TASKS:
+        raise ValueError(f"data set '{raw.name}' declares task '{raw.task}'; expected one of {', '.join(TASKS)}")
+    _check_labels(raw.train, num_classes, f"data set '{raw.name}' train", raw.task)
     if raw.test is not None:
-        _check_labels(raw.test, num_classes, f"data set '{raw.name}' test")
+        _check_labels(raw.test, num_classes, f"data set '{raw.name}' test", raw.task)
         if raw.test.inputs.shape[1:] != raw.train.inputs.shape[1:]:
             raise ValueError(
                 f"data set '{raw.name}': train inputs are {tuple(raw.train.inputs.shape[1:])} per sample but "
@@ -236,8 +267,10 @@ def prepare(raw: RawDataset, spec: DataSpec) -> DataBundle:
         test=test,
         num_classes=num_classes,
         input_shape=tuple(train.inputs.shape[1:]),
-        class_names=list(raw.class_names) or [str(label) for label in range(num_classes)],
+        class_names=list(raw.class_names) or ([] if raw.task == "lm" else [str(label) for label in range(num_classes)]),
         mean=mean,
         std=std,
         fingerprint=split_fingerprint(raw, spec),
+        task=raw.task,
+        meta=dict(raw.meta),
     )
