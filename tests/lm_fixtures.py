@@ -80,10 +80,88 @@ def build_lm_folder(folder: Path, tokenizer_folder: Path, layers: int = 2, hidde
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     torch.manual_seed(seed)
-    config = llama_config(len(tokenizer), layers=layers, hidden=hidden, eos_token_id=tokenizer.eos_token_id,
+    vocab_size = changes.pop("vocab_size", len(tokenizer))
+    config = llama_config(vocab_size, layers=layers, hidden=hidden, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **changes)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+WORDS = ["dog", "cat", "rose", "flame", "fuel", "heir", "eyes", "time", "beauty", "memory", "famine", "self"]
+
+
+def tiny_chat_dataset(*, tokenizer: str, samples: int = 48, length: int = 40, plain: bool = False):
+    """A small instruction data set ("Define <word>." -> a short answer) tokenized with the chat
+    template of ``tokenizer`` (a folder), labels on the answer tokens only; ``plain=True`` gives
+    packed plain-text blocks instead (every token a target). Import path for YAML:
+    ``tests.lm_fixtures:tiny_chat_dataset``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distill.data.base import IGNORE_INDEX, ArraySplit, RawDataset
+    from distill.models.causal_lm import tokenizer_hash
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ids = torch.full((samples, length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((samples, length), IGNORE_INDEX, dtype=torch.long)
+    stream = tok(TEXT * 8).input_ids
+    for i in range(samples):
+        if plain:
+            block = stream[i % 50 : i % 50 + length]
+            ids[i, : len(block)] = torch.tensor(block)
+            labels[i, : len(block) - 1] = torch.tensor(block[1:])
+            continue
+        word = WORDS[i % len(WORDS)]
+        answer = f"the {word} is {WORDS[(i * 7 + 3) % len(WORDS)]}"
+        prompt = tok.apply_chat_template([{"role": "user", "content": f"Define {word}."}], add_generation_prompt=True)
+        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+        full = prompt + tok(answer).input_ids + [tok.eos_token_id]
+        full = full[:length]
+        ids[i, : len(full)] = torch.tensor(full)
+        for t in range(len(prompt) - 1, len(full) - 1):
+            labels[i, t] = full[t + 1]
+    meta = {"tokenizer": str(tokenizer), "tokenizer_hash": tokenizer_hash(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    return RawDataset("tiny_chat", ArraySplit(ids, labels), None, len(tok), task="lm", meta=meta)
+
+
+def tiny_lm_experiment(paths: dict, output_dir, *, terms=None, **changes):
+    """A one-stage experiment distilling the tiny teacher folder into a 1-layer student from a config."""
+    experiment = {
+        "name": "tiny_lm",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "data": {
+            "dataset": "tests.lm_fixtures:tiny_chat_dataset",
+            "params": {"tokenizer": str(paths["tokenizer"])},
+            "batch_size": 8,
+            "eval_batch_size": 16,
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
+        "models": {
+            "teacher": {"arch": "hf_causal_lm", "params": {"source": str(paths["teacher"])}},
+            "student": {
+                "arch": "hf_causal_lm",
+                "params": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "max_position_embeddings": 128}},
+            },
+        },
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "training": {"epochs": 2},
+        "evaluation": {"latency": False},
+        "compare": {"metric": "perplexity"},
+        "stages": [
+            {
+                "name": "kd",
+                "model": "student",
+                "teacher": "teacher",
+                "objective": {"terms": terms or [{"loss": "cross_entropy", "weight": 0.5}, {"loss": "forward_kl", "weight": 0.5}]},
+            }
+        ],
+    }
+    experiment.update(changes)
+    return experiment

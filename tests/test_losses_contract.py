@@ -18,7 +18,12 @@ load_builtins()
 CLASSES = 6
 # Options that make a loss deterministic for the comparison of two calls (Swing adds noise).
 DETERMINISTIC = {"swing_kd": {"noise_scale": 0.0}}
-NAMES = [entry.name for entry in LOSSES if entry.name != "margin_mse"]
+# Losses whose inputs are not [rows, C] logits / [rows, ...] features have the same properties
+# tested in their own files: ranking scores (margin_mse), preference pairs [B, 2, T, V] (dckd,
+# adpa: tests/test_losses_preference.py), hidden states with lm_head weights (fused_kd:
+# tests/test_losses_chunked.py, tests/test_lm_engine.py).
+OWN_CONTRACT_TESTS = {"margin_mse", "dckd", "adpa", "fused_kd"}
+NAMES = [entry.name for entry in LOSSES if entry.name not in OWN_CONTRACT_TESTS]
 # Shapes of one sample of the feature sources (student, teacher), by the kind of input a loss
 # declares with ``LOSSES.register(..., inputs=...)``: vectors by default, maps [C, H, W] (channels
 # differ, as between a thin student and a wide teacher), tokens [N, D].

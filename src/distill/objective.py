@@ -7,6 +7,10 @@ A term names a registered loss and, for each tensor argument of that loss, the *
     batch.labels              the integer labels of the batch
     batch.inputs              the (augmented) inputs, as the teacher sees them
     batch.patch_mask          [B, patches] bool, True where the trained model's input patch was hidden
+    batch.mask                [B, T] bool, True at the token positions that are targets (language models)
+    student.last_hidden       a language model's final hidden states [B, T, H] (before lm_head)
+    student.lm_head           its output projection weight [V, H] (trained; tied to the embedding if the model ties)
+    teacher.last_hidden / teacher.lm_head   the same on the teacher
     student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
     teacher.<path>.output     the same on the teacher
     student.features          the input of the model's last nn.Linear (penultimate features)
@@ -67,10 +71,25 @@ DEFAULT_SOURCES: dict[str, str] = {
     "teacher_scores": "teacher.logits",
     "student_features": "student.features",
     "teacher_features": "teacher.features",
+    "student_hidden": "student.last_hidden",
+    "teacher_hidden": "teacher.last_hidden",
+    "student_weight": "student.lm_head",
+    "teacher_weight": "teacher.lm_head",
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
-KNOWN_SOURCES: tuple[str, ...] = ("student.logits", "teacher.logits", "batch.labels", "batch.inputs", "batch.patch_mask")
+KNOWN_SOURCES: tuple[str, ...] = (
+    "student.logits",
+    "teacher.logits",
+    "batch.labels",
+    "batch.inputs",
+    "batch.patch_mask",
+    "batch.mask",
+    "student.last_hidden",
+    "student.lm_head",
+    "teacher.last_hidden",
+    "teacher.lm_head",
+)
 """Sources a stage provides (teacher ones when it has a teacher, ``batch.patch_mask`` when it masks
 inputs: ``input_mask``); feature sources come on top."""
 
@@ -393,8 +412,19 @@ class Objective(torch.nn.Module):
         for name in self.updatable:
             self.losses[name].update(step=step, total_steps=total_steps, value=float(values[name]))
 
-    def forward(self, sources: Mapping[str, torch.Tensor], *, mask: torch.Tensor | None = None) -> ObjectiveOutput:
-        """Evaluate every term on ``sources`` (source name -> tensor) with batchmean reduction."""
+    def forward(
+        self, sources: Mapping[str, torch.Tensor], *, mask: torch.Tensor | None = None, reduction: str = "batchmean"
+    ) -> ObjectiveOutput:
+        """Evaluate every term on ``sources`` (source name -> tensor).
+
+        ``mask`` (True = valid position) goes to every term. ``reduction`` is ``"batchmean"`` (each
+        term averaged over the valid positions of this call) or ``"sum"`` (summed over them: what
+        language-model training uses, dividing by the number of valid tokens of the whole optimizer
+        step). A term whose loss takes no ``reduction`` returns a mean; under ``"sum"`` it is
+        multiplied by this call's number of valid positions.
+        """
+        if reduction not in ("batchmean", "sum"):
+            raise ValueError(f"Objective reduction must be 'batchmean' or 'sum', got '{reduction}'")
         values: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         adapted: dict[str, torch.Tensor] = {}  # each adapted source is computed once per call
@@ -420,11 +450,13 @@ class Objective(torch.nn.Module):
             elif mask is not None:
                 raise ValueError(f"term '{term.name}': the loss takes no `mask`, but this batch has padding")
             if term.takes_reduction:
-                extra["reduction"] = "batchmean"
+                extra["reduction"] = reduction
             if term.is_module:
                 value = self.losses[term.name](**arguments, **extra)
             else:
                 value = term.fn(**arguments, **term.params, **extra)
+            if reduction == "sum" and not term.takes_reduction:
+                value = value * (float(mask.sum()) if mask is not None else float(next(iter(arguments.values())).shape[0]))
             values[term.name] = value
             weighted = value * term.weight
             total = weighted if total is None else total + weighted

@@ -139,6 +139,25 @@ class InputMaskSpec(Section):
     ratio: float = Field(default=0.75, gt=0.0, lt=1.0, description="share of the patches masked in each sample")
 
 
+class GenerateSpec(Section):
+    """Completions sampled during training (language models): on-policy and sequence-level distillation.
+
+    ``model: student`` with ``probability`` lambda is GKD's on-policy distillation (Agarwal et al.
+    2024): with probability lambda a step's completions are sampled from the student, then scored
+    by the teacher and distilled (lambda = 0 is supervised KD). ``model: teacher`` with probability
+    1 is sequence-level KD (Kim & Rush 2016): the student learns completions the teacher writes.
+    """
+
+    model: Literal["student", "teacher"] = Field(default="student", description="which model writes the completions")
+    probability: float = Field(default=0.5, ge=0.0, le=1.0, description="share of optimizer steps whose completions are generated (GKD's lambda)")
+    temperature: float = Field(default=1.0, ge=0.0, description="sampling temperature; 0 decodes greedily")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling threshold")
+    max_new_tokens: int = Field(default=64, ge=1, description="longest completion generated")
+    prompt_tokens: int | None = Field(
+        default=None, ge=1, description="for plain text (every token a target): the first this many tokens are the prompt"
+    )
+
+
 class StageSpec(Section):
     """One stage: which model learns, from which teacher, with which objective."""
 
@@ -158,6 +177,9 @@ class StageSpec(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     input_mask: InputMaskSpec | None = Field(
         default=None, description="hide random patches of the trained model's inputs; the source batch.patch_mask says which"
+    )
+    generate: GenerateSpec | None = Field(
+        default=None, description="language models: replace completions by student (on-policy) or teacher (sequence-level) samples"
     )
 
 
@@ -199,7 +221,7 @@ class CompareSpec(Section):
         default_factory=dict, description="variant name -> {dotted.key: value} overrides; none: the experiment as is"
     )
     stages: list[str] | None = Field(default=None, description="stages to tabulate (default: all)")
-    metric: Literal["accuracy", "nll", "ece", "agreement"] = "accuracy"
+    metric: Literal["accuracy", "nll", "ece", "agreement", "perplexity", "kl_to_teacher"] = "accuracy"
 
     @field_validator("seeds")
     @classmethod

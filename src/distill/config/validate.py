@@ -106,12 +106,13 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
 
     if stage.teacher is not None and stage.teacher not in earlier and stage.teacher in experiment.models:
         spec = experiment.models[stage.teacher]
-        if spec.weights is None and not spec.random_init:
+        pretrained = spec.params.get("source") is not None  # hf_classifier / hf_causal_lm checkpoints
+        if spec.weights is None and not spec.random_init and not pretrained:
             problems.append(
                 (
                     path + ("teacher",),
-                    f"the teacher '{stage.teacher}' is a `models` entry with no `weights` and no earlier stage trains it; "
-                    f"set models.{stage.teacher}.weights, train it in an earlier stage, or set "
+                    f"the teacher '{stage.teacher}' is a `models` entry with no `weights` (nor a pretrained `params.source`) and no "
+                    f"earlier stage trains it; set models.{stage.teacher}.weights, train it in an earlier stage, or set "
                     f"models.{stage.teacher}.random_init: true to distill from an untrained (random) teacher",
                 )
             )

@@ -90,13 +90,16 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
             if stages is not None and row["name"] not in stages:
                 continue
             key = (variant, row["name"])
-            bucket = table.setdefault(key, {k: [] for k in ("final", "best", "best_val", "agreement", "probe", "nll", "ece", "latency_ms", "params", "seeds", "best_epoch")})
+            bucket = table.setdefault(key, {k: [] for k in ("final", "best", "best_val", "agreement", "probe", "nll", "ece", "kl", "perplexity", "latency_ms", "params", "seeds", "best_epoch", "time")})
             bucket["final"].append(row["test"].get(metric))
             bucket["agreement"].append(row["test"].get("agreement"))
             bucket["probe"].append(row["test"].get("probe_accuracy"))
-            bucket["nll"].append(row["test"]["nll"])
-            bucket["ece"].append(row["test"]["ece"])
+            bucket["nll"].append(row["test"].get("nll"))
+            bucket["ece"].append(row["test"].get("ece"))
+            bucket["kl"].append(row["test"].get("kl_to_teacher"))
+            bucket["perplexity"].append(row["test"].get("perplexity"))
             bucket["latency_ms"].append(row.get("latency_ms"))
+            bucket["time"].append(row.get("train_time_s"))
             bucket["params"].append(row["params"])
             bucket["seeds"].append(seed)
             best = row.get("best") or {}
@@ -136,6 +139,9 @@ def aggregate(plan_runs: list[tuple[str, int, Path]], stages: list[str] | None, 
                 "probe_accuracy": _mean_std(bucket["probe"]),
                 "nll": _mean_std(bucket["nll"]),
                 "ece": _mean_std(bucket["ece"]),
+                "kl_to_teacher": _mean_std(bucket["kl"]),
+                "perplexity": _mean_std(bucket["perplexity"]),
+                "train_time_s": _mean_std(bucket["time"]),
                 "latency_ms": _mean_std(bucket["latency_ms"]),
                 "params": bucket["params"][0],
                 "curve": {str(e): _mean_std(v) for e, v in sorted(curves.get((variant, name), {}).items())},

@@ -51,8 +51,10 @@ class ForwardPass:
         required: Iterable[str],
         autocast: Callable[[], Any] = contextlib.nullcontext,
         input_mask: Any = None,
+        lm: bool = False,
     ) -> None:
         self.input_mask = input_mask
+        self.lm = lm
         self.student = student
         self.model: torch.nn.Module = student
         self.teacher = teacher
@@ -79,6 +81,8 @@ class ForwardPass:
             self.teacher_capture.__exit__(*exc)
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.lm:
+            return self._language_model(inputs, labels)
         student_inputs, extra = inputs, {}
         if self.input_mask is not None and self.student.training:
             student_inputs, extra["batch.patch_mask"] = mask_patches(inputs, self.input_mask.patch_size, self.input_mask.ratio)
@@ -96,6 +100,30 @@ class ForwardPass:
                 self.teacher_capture.clear()
         return sources
 
+    def _language_model(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sources of a token batch: logits and/or final hidden states (only what terms read), the
+        output projections for the fused loss, the target mask, and captured submodule outputs."""
+        from distill.data.base import IGNORE_INDEX
+
+        sources: dict[str, torch.Tensor] = {"batch.labels": labels, "batch.inputs": input_ids, "batch.mask": labels != IGNORE_INDEX}
+        with self.autocast():
+            student = _run_lm(self.model, input_ids, "student", self.required)
+            if "student.lm_head" in self.required:
+                student["student.lm_head"] = self.student.lm_head_weight
+            sources.update(student)
+            sources.update(self.student_capture.values)
+            self.student_capture.clear()
+            if self.runs_teacher:
+                assert self.teacher is not None and self.teacher_capture is not None
+                with torch.no_grad():
+                    teacher = _run_lm(self.teacher, input_ids, "teacher", self.required)
+                if "teacher.lm_head" in self.required:
+                    teacher["teacher.lm_head"] = self.teacher.lm_head_weight.detach()
+                sources.update(teacher)
+                sources.update(self.teacher_capture.values)
+                self.teacher_capture.clear()
+        return sources
+
     @torch.no_grad()
     def probe_shapes(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[int, ...]]:
         """Shape of one sample of every source, from a forward pass in eval mode (no state changes)."""
@@ -107,3 +135,19 @@ class ForwardPass:
         finally:
             self.student.train(was_training)
         return {name: tuple(value.shape[1:]) for name, value in sources.items()}
+
+
+def _run_lm(model: torch.nn.Module, input_ids: torch.Tensor, role: str, required: set[str]) -> dict[str, torch.Tensor]:
+    """Call a :class:`~distill.models.causal_lm.CausalLM` (or its DDP wrapper) for what ``required`` reads.
+
+    Logits are computed when ``<role>.logits`` is read, or when nothing else is (the model must run
+    for its captured features); the final hidden states when ``<role>.last_hidden`` is read.
+    """
+    wants_hidden = f"{role}.last_hidden" in required
+    wants_logits = f"{role}.logits" in required or not wants_hidden
+    if wants_hidden and wants_logits:
+        hidden, logits = model(input_ids, output="both")
+        return {f"{role}.last_hidden": hidden, f"{role}.logits": logits}
+    if wants_hidden:
+        return {f"{role}.last_hidden": model(input_ids, output="hidden")}
+    return {f"{role}.logits": model(input_ids)}

@@ -40,6 +40,7 @@ from distill.engine.context import (
     environment_summary,
     predict,
 )
+from distill.engine.lm import check_language_models, lm_metrics
 from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
 from distill.engine.probe import linear_probe_accuracy
 from distill.engine.stage import check_feature_paths, train_stage
@@ -171,9 +172,12 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
     test = context.data.test
     reference = reference_of(experiment)
     reference_predictions = None
+    reference_model = None
+    is_lm = context.data.is_lm
     if reference is not None:
         reference_model = context.frozen(*reference)
-        reference_predictions = predict(reference_model, test, experiment.data.eval_batch_size, context).argmax(-1)
+        if not is_lm:
+            reference_predictions = predict(reference_model, test, experiment.data.eval_batch_size, context).argmax(-1)
     # (row name, stage or None for a `models` teacher, model, stage summary)
     entries: list[tuple[str, str | None, torch.nn.Module, dict[str, Any] | None]] = []
     for index, stage in enumerate(experiment.stages):
@@ -188,13 +192,18 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
         is_reference = reference is not None and name == reference[0] and (
             (stage_name is None) != context.is_stage_teacher(name, reference[1])
         )
-        logits = predict(model, test, experiment.data.eval_batch_size, context)
-        metrics = classification_metrics(
-            logits,
-            test.labels,
-            reference_predictions=None if is_reference else reference_predictions,
-            ece_bins=experiment.evaluation.ece_bins,
-        )
+        if is_lm:
+            if reference_model is not None and not is_reference:
+                check_language_models(context.data, {"model": model, "reference": reference_model})
+            metrics = lm_metrics(model, test, context, reference=None if is_reference else reference_model)
+        else:
+            logits = predict(model, test, experiment.data.eval_batch_size, context)
+            metrics = classification_metrics(
+                logits,
+                test.labels,
+                reference_predictions=None if is_reference else reference_predictions,
+                ece_bins=experiment.evaluation.ece_bins,
+            )
         row: dict[str, Any] = {
             "name": name,
             "model": experiment.stage(stage_name).model if stage_name else name,

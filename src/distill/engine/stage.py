@@ -31,6 +31,14 @@ from distill.engine.checkpoint import (
 )
 from distill.engine.context import STAGE_SUMMARY, STAGE_WEIGHTS, RunContext, predict
 from distill.engine.forward import ForwardPass
+from distill.engine.lm import (
+    check_language_models,
+    generate_completions,
+    generation_draw,
+    lm_metrics,
+    trim_padding,
+    valid_token_count,
+)
 from distill.hooks import FeatureCapture, parse_feature_source
 from distill.engine.metrics import classification_metrics
 from distill.engine.optim import build_optimizer, build_scheduler
@@ -75,11 +83,15 @@ def _evaluate(
     model: torch.nn.Module,
     teacher_predictions: dict[str, torch.Tensor],
     plan: StagePlan,
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     data = context.data
     results: dict[str, dict[str, float]] = {}
     for split_name, split in (("val", data.val), ("test", data.test)):
         if split is None or len(split) == 0:
+            continue
+        if data.is_lm:
+            results[split_name] = lm_metrics(model, split, context, reference=teacher, autocast_dtype=plan.autocast_dtype)
             continue
         logits = predict(model, split, context.experiment.data.eval_batch_size, context, plan.autocast_dtype)
         results[split_name] = classification_metrics(
@@ -91,9 +103,13 @@ def _evaluate(
     return results
 
 
+LOWER_IS_BETTER = ("nll", "ece", "perplexity", "kl_to_teacher")
+"""Metrics where a smaller value is better (the others: accuracy, agreement, ...)."""
+
+
 def best_epoch(history: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any] | None:
     """The evaluation record with the best validation ``metric`` (test split if there is no val)."""
-    lower_is_better = metric in ("nll", "ece")
+    lower_is_better = metric in LOWER_IS_BETTER
     candidates = [h for h in history if metric in h.get("val", h.get("test", {}))]
     if not candidates:
         return None
@@ -172,6 +188,18 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = context.teacher_of(stage)
     train = context.data.train
+    is_lm = context.data.is_lm
+    if is_lm:
+        check_language_models(
+            context.data,
+            {"student": student, **({"teacher": teacher} if teacher is not None else {})},
+            log=lambda message: context.callbacks.on_message(f"stage '{stage.name}': {message}"),
+        )
+    generate = stage.generate
+    if generate is not None and not is_lm:
+        raise ValueError(f"stages.{stage.name}.generate needs language-model data (token sequences)")
+    if generate is not None and generate.model == "teacher" and teacher is None:
+        raise ValueError(f"stages.{stage.name}.generate.model is 'teacher', but the stage has no teacher")
 
     def autocast() -> Any:
         dtype = plan.autocast_dtype
@@ -179,12 +207,12 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
 
     terms = Objective.terms_from_spec(stage.objective)
     adapters = Objective.adapters_from_spec(stage.objective)
-    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast, stage.input_mask)
+    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast, stage.input_mask, lm=is_lm)
     source_shapes = None
     if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
         # Adapters and some losses are sized from one probing pass (adapter targets included).
         targets = {a.to for a in adapters.values() if a.to not in (None, "logits")}
-        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast, stage.input_mask)
+        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast, stage.input_mask, lm=is_lm)
         source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).
@@ -241,7 +269,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     order_seed = derive_seed(experiment.seed, "data")
     load_batch = _batch_loader(context, device)
     teacher_predictions: dict[str, torch.Tensor] = {}
-    if teacher is not None:
+    if teacher is not None and not is_lm:
         for split_name, split in (("val", context.data.val), ("test", context.data.test)):
             if split is not None and len(split):
                 teacher_predictions[split_name] = predict(
@@ -278,30 +306,49 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             while batch_position < len(batches) and step < plan.total_steps:
                 group = batches[batch_position : batch_position + plan.grad_accum_steps]
                 local_groups = [local_slice(b, context.world_size, context.rank) for b in group]
-                # Every micro-batch's loss is weighted by its share of the whole step's samples.
-                step_samples = sum(len(b) for b in group)
+                micro_batches = [load_batch(indices, epoch) for indices in local_groups]
+                if is_lm:
+                    # Language models: each term is summed over valid tokens and divided by the
+                    # number of valid tokens of the whole step (all micro-batches and processes).
+                    if generate is not None and generation_draw(experiment.seed, stage.name, step) < generate.probability:
+                        writer = accelerator.unwrap_model(model) if generate.model == "student" else teacher
+                        micro_batches = [_generate(writer, ids, labels, generate, context) for ids, labels in micro_batches]
+                    micro_batches = [trim_padding(ids, labels) for ids, labels in micro_batches]
+                    counts = [valid_token_count(labels) for _, labels in micro_batches]
+                    step_count = _global_sum(context, float(sum(counts)))
+                else:
+                    # Every micro-batch's loss is weighted by its share of the whole step's samples.
+                    counts = [len(indices) for indices in local_groups]
+                    step_count = float(sum(len(b) for b in group))
                 step_sums = {term.name: 0.0 for term in terms}
-                for micro_index, indices in enumerate(local_groups):
-                    inputs, labels = load_batch(indices, epoch)
-                    last = micro_index == len(local_groups) - 1
+                for micro_index, (inputs, labels) in enumerate(micro_batches):
+                    last = micro_index == len(micro_batches) - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                    count = float(counts[micro_index])
                     with sync:
                         sources = forward(inputs, labels)
-                        output = objective(sources)
-                        share = len(indices) / step_samples * context.world_size
-                        loss = output.total * share
+                        if is_lm:
+                            output = objective(sources, mask=sources["batch.mask"], reduction="sum")
+                            loss = output.total * (context.world_size / max(step_count, 1.0))
+                        else:
+                            output = objective(sources)
+                            loss = output.total * (count / step_count * context.world_size)
                         if scaler is not None:
                             scaler.scale(loss).backward()
                         else:
                             accelerator.backward(loss)
                     with torch.no_grad():
-                        count = float(len(indices))
-                        window["loss"] += float(output.total.detach()) * count
+                        # Sums over samples (classifiers: means times count) or tokens (LMs: sums).
+                        per = 1.0 if is_lm else count
+                        window["loss"] += float(output.total.detach()) * per
                         window["samples"] += count
-                        window["correct"] += float((sources["student.logits"].argmax(-1) == labels).sum())
+                        if "student.logits" in sources:
+                            predictions = sources["student.logits"].argmax(-1)
+                            hits = predictions == labels
+                            window["correct"] += float(hits[sources["batch.mask"]].sum() if is_lm else hits.sum())
                         for name, value in output.terms.items():
-                            window["terms"][name] += float(value.detach()) * count
-                            step_sums[name] += float(value.detach()) * count
+                            window["terms"][name] += float(value.detach()) * per
+                            step_sums[name] += float(value.detach()) * per
                     del sources, output, loss
                 if context.world_size > 1 and objective_parameters:
                     _average_gradients(objective_parameters, context.world_size)
@@ -319,7 +366,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_position += len(group)
-                local_samples = sum(len(i) for i in local_groups)
+                local_samples = int(sum(counts))
                 if objective.updatable:
                     step_means = _step_means(context, step_sums, local_samples)
                     objective.update(step=step, total_steps=plan.total_steps, values=step_means)
@@ -337,7 +384,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 completed_epochs = epoch + 1
                 is_eval_epoch = completed_epochs % experiment.evaluation.every_epochs == 0
                 if is_eval_epoch or step >= plan.total_steps or completed_epochs == plan.epochs:
-                    results = _evaluate(context, model, teacher_predictions, plan)
+                    results = _evaluate(context, model, teacher_predictions, plan, teacher)
                     record = {"epoch": completed_epochs, "step": step, **results}
                     history.append(record)
                     context.log.write({"kind": "eval", "stage": stage.name, **record})
@@ -369,6 +416,20 @@ def _batch_loader(context: RunContext, device: torch.device) -> Any:
         return inputs.to(device), train.labels[indices].to(device)
 
     return load
+
+
+def _generate(writer: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, spec: Any, context: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+    meta = context.data.meta
+    return generate_completions(
+        writer, input_ids, labels, spec, pad_token_id=int(meta.get("pad_token_id", 0)), eos_token_id=meta.get("eos_token_id")
+    )
+
+
+def _global_sum(context: RunContext, value: float) -> float:
+    if context.world_size == 1:
+        return value
+    total = context.accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=context.device), reduction="sum")
+    return float(total.cpu()[0])
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:

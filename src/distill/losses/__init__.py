@@ -31,9 +31,11 @@ from distill.losses.features import (
 )
 from distill.losses.g2sd import masked_feature_mse
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
+from distill.losses.lm import feature_cosine, fused_kd
 from distill.losses.logit_matching import logit_cosine, logit_mse
 from distill.losses.nd import NDLoss
 from distill.losses.ofa import ofa_loss, ofa_target_weights
+from distill.losses.preference import adpa, dckd
 from distill.losses.ranking import margin_mse
 from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
 from distill.losses.sinkhorn import sinkhorn
@@ -47,6 +49,7 @@ __all__ = [
     "DualHeadKD",
     "NDLoss",
     "TGeoKD",
+    "adpa",
     "attention_transfer",
     "bdkd",
     "binary_kl",
@@ -55,8 +58,11 @@ __all__ = [
     "cka_table",
     "cross_entropy",
     "dac_kl",
+    "dckd",
     "dkd",
+    "feature_cosine",
     "feature_mse",
+    "fused_kd",
     "forward_kl",
     "fused_linear_distill",
     "generalized_jsd",

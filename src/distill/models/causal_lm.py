@@ -227,9 +227,21 @@ class CausalLM(nn.Module):
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits if self.vocab_limit is None else logits[..., : self.vocab_limit]
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output: str = "logits"
+    ) -> Any:
+        """Logits ``[B, T, V]`` (``output="logits"``), final hidden states ``[B, T, H]`` (``"hidden"``),
+        or both as a pair (``"both"``). ``attention_mask`` is only needed with left padding."""
+        if output == "logits":
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return logits if self.vocab_limit is None else logits[..., : self.vocab_limit]
+        if output not in ("hidden", "both"):
+            raise ValueError(f"CausalLM output must be 'logits', 'hidden' or 'both', got '{output}'")
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if output == "hidden":
+            return hidden
+        logits = self.model.get_output_embeddings()(hidden)
+        return hidden, logits if self.vocab_limit is None else logits[..., : self.vocab_limit]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[B, T, H]``: what the output projection multiplies."""

@@ -19,7 +19,8 @@ def _ms(stat: dict[str, Any], percent: bool, digits: int = 2) -> str:
         return "-"
     if percent:
         return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
-    return f"{mean:.4f} ± {std:.4f}"
+    places = 4 if digits == 2 else digits
+    return f"{mean:.{places}f} ± {std:.{places}f}"
 
 
 def compare_table(result: dict[str, Any]) -> str:
@@ -28,6 +29,8 @@ def compare_table(result: dict[str, Any]) -> str:
     unit = " (%)" if percent else ""
     show_variant = len({row["variant"] for row in result["rows"]}) > 1
     probed = any((row.get("probe_accuracy") or {}).get("n", 0) > 0 for row in result["rows"])
+    has = lambda key: any((row.get(key) or {}).get("n", 0) > 0 for row in result["rows"])  # noqa: E731
+    language = has("kl_to_teacher") or has("perplexity")
     header = (["variant"] if show_variant else []) + [
         "model",
         f"test {metric}{unit}, final epoch",
@@ -35,7 +38,7 @@ def compare_table(result: dict[str, Any]) -> str:
         f"val {metric}{unit}, best epoch",
         "agreement (%)",
         *(["linear probe acc (%)"] if probed else []),
-        "ECE",
+        *(["test perplexity", "KL to teacher (nats/token)", "train time (s)"] if language else ["ECE"]),
         "params",
         "seeds",
     ]
@@ -50,7 +53,11 @@ def compare_table(result: dict[str, Any]) -> str:
                 _ms(row["best_val"], percent),
                 _ms(row["agreement"], True),
                 *([_ms(row.get("probe_accuracy"), True)] if probed else []),
-                _ms(row["ece"], False),
+                *(
+                    [_ms(row.get("perplexity") or {}, False, 3), _ms(row.get("kl_to_teacher") or {}, False), _ms(row.get("train_time_s") or {}, False, 0)]
+                    if language
+                    else [_ms(row["ece"], False)]
+                ),
                 f"{row['params']:,}",
                 str(len(row["seeds"])),
             ]

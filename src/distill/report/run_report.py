@@ -34,6 +34,8 @@ def final_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
 
     The last column is the validation ``metric`` at the epoch that was best by that metric.
     """
+    if any("perplexity" in row["test"] for row in rows):
+        return _language_model_table(rows, metric)
     probed = any("probe_accuracy" in row["test"] for row in rows)
     header = ["model", "network", "teacher", "test acc", *(["linear probe acc"] if probed else []), "agreement", "NLL", "ECE", "params", "latency (ms/sample)", f"best val {metric} (epoch)"]
     body = []
@@ -54,6 +56,34 @@ def final_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
                 _fmt(test["ece"]),
                 f"{row['params']:,}",
                 _fmt(row.get("latency_ms"), 3),
+                f"{_pct(best_val) if metric in ('accuracy', 'agreement') else _fmt(best_val)} ({best.get('epoch')})"
+                if best_val is not None
+                else "-",
+            ]
+        )
+    return markdown_table(header, body)
+
+
+def _language_model_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """The final table of language models: token-level metrics on the test split's target tokens."""
+    header = ["model", "network", "teacher", "perplexity", "NLL (nats/token)", "token acc", "KL to teacher (nats/token)",
+              "top-1 agreement", "params", f"best val {metric} (epoch)"]
+    body = []
+    for row in rows:
+        test = row["test"]
+        best = row.get("best") or {}
+        best_val = (best.get("val") or {}).get(metric)
+        body.append(
+            [
+                row["name"] + (" (reference)" if row.get("is_reference") else ""),
+                row["model"],
+                row.get("teacher") or "-",
+                _fmt(test.get("perplexity"), 3),
+                _fmt(test.get("nll")),
+                _pct(test.get("accuracy")),
+                _fmt(test.get("kl_to_teacher")),
+                _pct(test.get("agreement")),
+                f"{row['params']:,}",
                 f"{_pct(best_val) if metric in ('accuracy', 'agreement') else _fmt(best_val)} ({best.get('epoch')})"
                 if best_val is not None
                 else "-",
@@ -169,8 +199,12 @@ def build_report(run_dir: str | Path) -> Path:
         lines += [f"### Stage `{stage}`", ""]
         header = ["epoch", "step"]
         splits = [s for s in ("val", "test") if s in evals[0]]
+        language = "perplexity" in evals[0][splits[0]] if splits else False
+        third = ("perplexity", "PPL") if language else ("ece", "ECE")
         for split in splits:
-            header += [f"{split} acc", f"{split} NLL", f"{split} ECE"]
+            header += [f"{split} acc", f"{split} NLL", f"{split} {third[1]}"]
+            if "kl_to_teacher" in evals[0][split]:
+                header.append(f"{split} KL to teacher")
             if "agreement" in evals[0][split]:
                 header.append(f"{split} agreement")
         body = []
@@ -178,7 +212,9 @@ def build_report(run_dir: str | Path) -> Path:
             row = [str(record["epoch"]), str(record["step"])]
             for split in splits:
                 metrics = record[split]
-                row += [_pct(metrics["accuracy"]), _fmt(metrics["nll"]), _fmt(metrics["ece"])]
+                row += [_pct(metrics["accuracy"]), _fmt(metrics["nll"]), _fmt(metrics.get(third[0]))]
+                if "kl_to_teacher" in evals[0][split]:
+                    row.append(_fmt(metrics.get("kl_to_teacher")))
                 if "agreement" in evals[0][split]:
                     row.append(_pct(metrics.get("agreement")))
             body.append(row)
