@@ -54,7 +54,12 @@ class RichProgress(Callback):
     def on_eval(self, stage: str, record: dict[str, Any]) -> None:
         split = "val" if "val" in record else "test"
         metrics = record[split]
-        text = f"{split} acc {_pct(metrics['accuracy'])}"
+        if "perplexity" in metrics:  # language models: token-level metrics
+            text = f"{split} ppl {metrics['perplexity']:.2f}"
+            if "kl_to_teacher" in metrics:
+                text += f", KL to teacher {metrics['kl_to_teacher']:.4f}"
+        else:
+            text = f"{split} acc {_pct(metrics['accuracy'])}"
         if self.progress is not None:
             self.progress.update(self.task, accuracy=text)
         else:
@@ -67,7 +72,8 @@ class RichProgress(Callback):
             self.progress = None
         final = (summary.get("final") or {}).get("test", {})
         if final:
-            self.console.print(f"stage [bold]{stage}[/bold] done in {summary['train_time_s']:.1f} s: test acc {_pct(final['accuracy'])}")
+            result = f"test ppl {final['perplexity']:.2f}" if "perplexity" in final else f"test acc {_pct(final['accuracy'])}"
+            self.console.print(f"stage [bold]{stage}[/bold] done in {summary['train_time_s']:.1f} s: {result}")
 
     def on_message(self, text: str) -> None:
         self.console.print(text)
@@ -75,6 +81,8 @@ class RichProgress(Callback):
 
 def final_rich_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Results on the test split")
+    if any("perplexity" in row["test"] for row in rows):
+        return _language_model_rich_table(rows)
     probed = any("probe_accuracy" in row["test"] for row in rows)
     columns = ("model", "network", "teacher", "test acc", *(["probe acc"] if probed else []), "agreement", "NLL", "ECE", "params", "latency ms")
     for column in columns:
@@ -92,5 +100,26 @@ def final_rich_table(rows: list[dict[str, Any]]) -> Table:
             f"{test['ece']:.4f}",
             f"{row['params']:,}",
             f"{row['latency_ms']:.3f}" if row.get("latency_ms") is not None else "-",
+        )
+    return table
+
+
+def _language_model_rich_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Results on the test split (target tokens)")
+    columns = ("model", "network", "teacher", "perplexity", "NLL", "token acc", "KL to teacher", "agreement", "params")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "network", "teacher") else "right")
+    for row in rows:
+        test = row["test"]
+        table.add_row(
+            row["name"] + (" (ref)" if row.get("is_reference") else ""),
+            row["model"],
+            row.get("teacher") or "-",
+            f"{test['perplexity']:.3f}",
+            f"{test['nll']:.4f}",
+            _pct(test.get("accuracy")),
+            f"{test['kl_to_teacher']:.4f}" if "kl_to_teacher" in test else "-",
+            _pct(test.get("agreement")),
+            f"{row['params']:,}",
         )
     return table

@@ -11,6 +11,7 @@ A term names a registered loss and, for each tensor argument of that loss, the *
     student.last_hidden       a language model's final hidden states [B, T, H] (before lm_head)
     student.lm_head           its output projection weight [V, H] (trained; tied to the embedding if the model ties)
     teacher.last_hidden / teacher.lm_head   the same on the teacher
+    reference.logits          the output of the stage's `reference` model (no gradient; e.g. ADPA's reference policy)
     student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
     teacher.<path>.output     the same on the teacher
     student.features          the input of the model's last nn.Linear (penultimate features)
@@ -89,6 +90,7 @@ KNOWN_SOURCES: tuple[str, ...] = (
     "student.lm_head",
     "teacher.last_hidden",
     "teacher.lm_head",
+    "reference.logits",
 )
 """Sources a stage provides (teacher ones when it has a teacher, ``batch.patch_mask`` when it masks
 inputs: ``input_mask``); feature sources come on top."""

@@ -167,6 +167,10 @@ class StageSpec(Section):
         default=None, description="an earlier stage (its trained model) or a key in `models`; none for label training"
     )
     init_from: str | None = Field(default=None, description="start from the weights an earlier stage produced")
+    reference: str | None = Field(
+        default=None,
+        description="a second frozen model (earlier stage or `models` key) read as reference.logits, e.g. ADPA's reference policy",
+    )
     objective: ObjectiveSpec
     optimizer: OptimizerSpec | None = Field(default=None, description="keys merged into the top-level optimizer")
     scheduler: SchedulerSpec | None = Field(default=None, description="keys merged into the top-level scheduler")

@@ -68,6 +68,14 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                 f"defined: {', '.join(experiment.models)}",
             )
         )
+    if stage.reference is not None and stage.reference not in earlier and stage.reference not in experiment.models:
+        problems.append(
+            (
+                path + ("reference",),
+                f"'{stage.reference}' is neither an earlier stage nor a key in `models`"
+                f"{did_you_mean(stage.reference, list(earlier) + list(experiment.models))}",
+            )
+        )
     if stage.teacher is not None and stage.teacher not in earlier and stage.teacher not in experiment.models:
         later = [s.name for s in experiment.stages[index:]]
         hint = " (that stage runs later: move it before this one)" if stage.teacher in later else ""
@@ -192,6 +200,14 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         term_path + ("inputs", argument),
                         f"loss '{term.loss}' reads batch.patch_mask, but stage '{stage.name}' masks no inputs; "
                         "set `input_mask: {patch_size: ..., ratio: ...}` on the stage",
+                    )
+                )
+            elif source.startswith("reference.") and stage.reference is None:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' has no reference model; "
+                        "set `reference:` on the stage (an earlier stage or a key in `models`)",
                     )
                 )
             elif source.startswith("teacher.") and not has_teacher:

@@ -52,9 +52,11 @@ class ForwardPass:
         autocast: Callable[[], Any] = contextlib.nullcontext,
         input_mask: Any = None,
         lm: bool = False,
+        reference: torch.nn.Module | None = None,
     ) -> None:
         self.input_mask = input_mask
         self.lm = lm
+        self.reference = reference
         self.student = student
         self.model: torch.nn.Module = student
         self.teacher = teacher
@@ -68,6 +70,9 @@ class ForwardPass:
             raise ValueError(f"the objective reads {teacher_features[0].name}, but the stage has no teacher")
         self.teacher_capture = FeatureCapture(teacher, teacher_features, "teacher") if teacher is not None else None
         self.runs_teacher = teacher is not None and any(s.startswith("teacher.") for s in self.required)
+        self.runs_reference = any(s.startswith("reference.") for s in self.required)
+        if self.runs_reference and reference is None:
+            raise ValueError("the objective reads reference.logits, but the stage has no reference model")
 
     def __enter__(self) -> "ForwardPass":
         self.student_capture.__enter__()
@@ -106,8 +111,15 @@ class ForwardPass:
         from distill.data.base import IGNORE_INDEX
 
         sources: dict[str, torch.Tensor] = {"batch.labels": labels, "batch.inputs": input_ids, "batch.mask": labels != IGNORE_INDEX}
+        # Preference pairs [B, 2, T] (or any [..., T]) run as [B * 2, T] rows and come back in their shape.
+        leading = tuple(input_ids.shape[:-1])
+        input_ids = input_ids.reshape(-1, input_ids.shape[-1])
         with self.autocast():
-            student = _run_lm(self.model, input_ids, "student", self.required)
+            if self.runs_reference:
+                assert self.reference is not None
+                with torch.no_grad():
+                    sources["reference.logits"] = _unflatten(self.reference(input_ids), leading)
+            student = {k: _unflatten(v, leading) for k, v in _run_lm(self.model, input_ids, "student", self.required).items()}
             if "student.lm_head" in self.required:
                 student["student.lm_head"] = self.student.lm_head_weight
             sources.update(student)
@@ -116,7 +128,7 @@ class ForwardPass:
             if self.runs_teacher:
                 assert self.teacher is not None and self.teacher_capture is not None
                 with torch.no_grad():
-                    teacher = _run_lm(self.teacher, input_ids, "teacher", self.required)
+                    teacher = {k: _unflatten(v, leading) for k, v in _run_lm(self.teacher, input_ids, "teacher", self.required).items()}
                 if "teacher.lm_head" in self.required:
                     teacher["teacher.lm_head"] = self.teacher.lm_head_weight.detach()
                 sources.update(teacher)
@@ -135,6 +147,10 @@ class ForwardPass:
         finally:
             self.student.train(was_training)
         return {name: tuple(value.shape[1:]) for name, value in sources.items()}
+
+
+def _unflatten(value: torch.Tensor, leading: tuple[int, ...]) -> torch.Tensor:
+    return value.reshape(*leading, *value.shape[1:]) if len(leading) > 1 else value
 
 
 def _run_lm(model: torch.nn.Module, input_ids: torch.Tensor, role: str, required: set[str]) -> dict[str, torch.Tensor]:

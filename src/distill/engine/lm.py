@@ -89,12 +89,14 @@ def valid_token_count(labels: torch.Tensor) -> int:
 
 
 def trim_padding(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing columns where no row has a target (right padding shared by the batch)."""
-    valid = (labels != IGNORE_INDEX).any(dim=0)
+    """Drop the trailing columns where no row has a target (right padding shared by the batch).
+
+    Works on ``[B, T]`` and on preference pairs ``[B, 2, T]`` (any leading dims)."""
+    valid = (labels != IGNORE_INDEX).reshape(-1, labels.shape[-1]).any(dim=0)
     if not bool(valid.any()):
-        return input_ids[:, :1], labels[:, :1]
+        return input_ids[..., :1], labels[..., :1]
     last = int(valid.nonzero().max()) + 2  # the last target's position, plus the token it predicts
-    return input_ids[:, :last], labels[:, :last]
+    return input_ids[..., :last], labels[..., :last]
 
 
 @torch.inference_mode()
@@ -118,9 +120,9 @@ def lm_metrics(
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # nll, correct, tokens, kl, agree
     indices = local_slice(torch.arange(len(split)), context.world_size, context.rank)
-    length = int(split.inputs.shape[1])
+    tokens_per_row = int(split.inputs[0].numel()) if len(split) else 1  # T, or 2T for preference pairs
     vocab = int(context.data.num_classes)
-    rows_per_chunk = max(1, EVAL_CHUNK_ELEMENTS // max(1, length * vocab))
+    rows_per_chunk = max(1, EVAL_CHUNK_ELEMENTS // max(1, tokens_per_row * vocab))
     autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     try:
         for chunk in torch.split(indices, rows_per_chunk):
@@ -128,6 +130,9 @@ def lm_metrics(
             mask = labels != IGNORE_INDEX
             if not bool(mask.any()):
                 continue
+            # preference pairs [B, 2, T] are scored as 2B sequences
+            input_ids, labels = input_ids.reshape(-1, input_ids.shape[-1]), labels.reshape(-1, labels.shape[-1])
+            mask = labels != IGNORE_INDEX
             input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
             with torch.autocast(**autocast):
                 logits = model(input_ids)

@@ -196,8 +196,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             log=lambda message: context.callbacks.on_message(f"stage '{stage.name}': {message}"),
         )
     generate = stage.generate
-    if generate is not None and not is_lm:
-        raise ValueError(f"stages.{stage.name}.generate needs language-model data (token sequences)")
+    if generate is not None and (not is_lm or train.inputs.dim() != 2):
+        raise ValueError(f"stages.{stage.name}.generate needs language-model data of single sequences [N, T]")
     if generate is not None and generate.model == "teacher" and teacher is None:
         raise ValueError(f"stages.{stage.name}.generate.model is 'teacher', but the stage has no teacher")
 
@@ -207,12 +207,19 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
 
     terms = Objective.terms_from_spec(stage.objective)
     adapters = Objective.adapters_from_spec(stage.objective)
-    forward = ForwardPass(student.to(device), teacher, required_sources(terms), autocast, stage.input_mask, lm=is_lm)
+    reference = context.frozen(stage.reference, before=experiment.stages.index(stage)) if stage.reference else None
+    if reference is not None and is_lm:
+        check_language_models(context.data, {"student": student, "reference": reference})
+    forward = ForwardPass(
+        student.to(device), teacher, required_sources(terms), autocast, stage.input_mask, lm=is_lm, reference=reference
+    )
     source_shapes = None
     if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
         # Adapters and some losses are sized from one probing pass (adapter targets included).
         targets = {a.to for a in adapters.values() if a.to not in (None, "logits")}
-        probe = ForwardPass(student, teacher, required_sources(terms) | targets, autocast, stage.input_mask, lm=is_lm)
+        probe = ForwardPass(
+            student, teacher, required_sources(terms) | targets, autocast, stage.input_mask, lm=is_lm, reference=reference
+        )
         source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).

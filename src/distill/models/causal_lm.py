@@ -101,7 +101,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
 def _sha256_file(path: Path, block: int = 1 << 22) -> str:
+    """sha256 of a file, computed once per process for a given (path, size, modification time)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256_uncached(path, block)
+    return _HASHED[key]
+
+
+def _sha256_uncached(path: Path, block: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
