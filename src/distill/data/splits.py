@@ -188,8 +188,8 @@ def _check_labels(split: ArraySplit, num_classes: int, where: str, task: str = "
 def _check_tokens(split: ArraySplit, vocab_size: int, where: str) -> None:
     """Token ids ``[N, T]`` and shifted labels ``[N, T]`` (targets or IGNORE_INDEX) within the vocabulary."""
     for name, tensor in (("input ids", split.inputs), ("labels", split.labels)):
-        if tensor.dtype != torch.int64 or tensor.dim() != 2:
-            raise ValueError(f"{where} {name} must be int64 [N, T]; got {tensor.dtype} {tuple(tensor.shape)}")
+        if tensor.dtype != torch.int64 or tensor.dim() < 2:
+            raise ValueError(f"{where} {name} must be int64 [N, T] (or [N, 2, T] preference pairs); got {tensor.dtype} {tuple(tensor.shape)}")
     if split.inputs.shape != split.labels.shape:
         raise ValueError(f"{where}: input ids {tuple(split.inputs.shape)} and labels {tuple(split.labels.shape)} differ in shape")
     if not len(split):
