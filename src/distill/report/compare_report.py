@@ -31,6 +31,7 @@ def compare_table(result: dict[str, Any]) -> str:
     probed = any((row.get("probe_accuracy") or {}).get("n", 0) > 0 for row in result["rows"])
     has = lambda key: any((row.get(key) or {}).get("n", 0) > 0 for row in result["rows"])  # noqa: E731
     language = has("kl_to_teacher") or has("perplexity")
+    extra_perplexity = language and metric != "perplexity"
     header = (["variant"] if show_variant else []) + [
         "model",
         f"test {metric}{unit}, final epoch",
@@ -38,7 +39,7 @@ def compare_table(result: dict[str, Any]) -> str:
         f"val {metric}{unit}, best epoch",
         "agreement (%)",
         *(["linear probe acc (%)"] if probed else []),
-        *(["test perplexity", "KL to teacher (nats/token)", "train time (s)"] if language else ["ECE"]),
+        *((["test perplexity"] if extra_perplexity else []) + ["KL to teacher (nats/token)", "train time (s)"] if language else ["ECE"]),
         "params",
         "seeds",
     ]
@@ -54,7 +55,8 @@ def compare_table(result: dict[str, Any]) -> str:
                 _ms(row["agreement"], True),
                 *([_ms(row.get("probe_accuracy"), True)] if probed else []),
                 *(
-                    [_ms(row.get("perplexity") or {}, False, 3), _ms(row.get("kl_to_teacher") or {}, False), _ms(row.get("train_time_s") or {}, False, 0)]
+                    ([_ms(row.get("perplexity") or {}, False, 3)] if extra_perplexity else [])
+                    + [_ms(row.get("kl_to_teacher") or {}, False), _ms(row.get("train_time_s") or {}, False, 0)]
                     if language
                     else [_ms(row["ece"], False)]
                 ),
