@@ -73,8 +73,8 @@ def test_distilling_the_real_teacher_for_a_few_steps(tiny_lm, tmp_path: Path) ->
     experiment = {
         "name": "real_teacher",
         "output_dir": str(tmp_path),
-        "data": {"dataset": "wordnet_definitions", "params": {"tokenizer": ALIAS, "max_samples": 400, "max_length": 80},
-                 "batch_size": 8, "eval_batch_size": 16, "val_fraction": 0.1, "test_subset": 32},
+        "data": {"dataset": "wordnet_definitions", "params": {"tokenizer": ALIAS, "max_samples": 600, "max_length": 100},
+                 "batch_size": 8, "eval_batch_size": 16, "val_fraction": 0.05},
         "models": {
             "teacher": {"arch": "hf_causal_lm", "params": {"source": ALIAS}},
             "student": {"arch": "hf_causal_lm", "params": {"config": {
