@@ -239,7 +239,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     step, epoch, batch_position = 0, 0, 0
     history: list[dict[str, Any]] = []
     # Sums since the last log line (a resumed run continues the same window).
-    window = {"loss": 0.0, "correct": 0.0, "samples": 0.0, "terms": {t.name: 0.0 for t in objective.terms}}
+    window = {"loss": 0.0, "correct": 0.0, "samples": 0.0, "scored": 0.0, "terms": {t.name: 0.0 for t in objective.terms}}
     elapsed_before = 0.0
     checkpoint_dir = context.checkpoint_dir(stage.name)
     latest, warnings = latest_valid_checkpoint(checkpoint_dir)
@@ -350,6 +350,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                         window["loss"] += float(output.total.detach()) * per
                         window["samples"] += count
                         if "student.logits" in sources:
+                            window["scored"] = window.get("scored", 0.0) + count
                             predictions = sources["student.logits"].argmax(-1)
                             hits = predictions == labels
                             window["correct"] += float(hits[sources["batch.mask"]].sum() if is_lm else hits.sum())
@@ -462,7 +463,8 @@ def _log_window(
     """Write the mean training metrics since the last log line, summed over processes."""
     names = list(window["terms"])
     totals = torch.tensor(
-        [window["loss"], window["correct"], window["samples"], *[window["terms"][n] for n in names]], dtype=torch.float64
+        [window["loss"], window["correct"], window["samples"], window.get("scored", 0.0), *[window["terms"][n] for n in names]],
+        dtype=torch.float64,
     )
     if context.world_size > 1:
         totals = context.accelerator.reduce(totals.to(context.device), reduction="sum").cpu()
@@ -473,15 +475,16 @@ def _log_window(
         "step": step,
         "epoch": epoch + 1,
         "loss": float(totals[0]) / samples,
-        "accuracy": float(totals[1]) / samples,
-        "terms": {name: float(totals[3 + i]) / samples for i, name in enumerate(names)},
+        "terms": {name: float(totals[4 + i]) / samples for i, name in enumerate(names)},
         "lr": float(scheduler.get_last_lr()[0]),
         "samples": int(samples),
     }
+    if float(totals[3]) > 0:  # steps that computed the student's logits (a fused loss does not)
+        record["accuracy"] = float(totals[1]) / float(totals[3])
     if grad_norm is not None and math.isfinite(grad_norm):
         record["grad_norm"] = grad_norm
     context.log.write(record)
-    window.update(loss=0.0, correct=0.0, samples=0.0)
+    window.update(loss=0.0, correct=0.0, samples=0.0, scored=0.0)
     for name in names:
         window["terms"][name] = 0.0
 
