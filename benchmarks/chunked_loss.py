@@ -1,11 +1,13 @@
 """Forward + backward time and peak memory of token-level distillation losses at LM shapes.
 
-    python benchmarks/chunked_loss.py [--shapes 8192x576x49152,4096x896x151936] [--repeats 2]
+    python benchmarks/chunked_loss.py [--shapes 8192x576x49152,4096x896x151936] [--repeats 2] [--rounds 1]
 
 Cases, each in a fresh process (so peak memory is the case's own), all float32 unless noted:
 
 - ``floor``: the four bare matmuls every exact method needs (student and teacher logits, the
-  gradients of the student's hidden states and lm_head weight), no loss at all;
+  gradients of the student's hidden states and lm_head weight), no loss at all, on the full logits;
+- ``floor_chunked``: the same four matmuls in chunks of the rows :func:`fused_linear_distill`
+  uses by default, into buffers reused by every chunk (the floor of any chunked method);
 - ``naive_kl``: full logits, ``forward_kl`` and autograd;
 - ``trl_jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (beta 0.5) on full logits;
 - ``liger_jsd_compiled`` / ``liger_jsd_eager``: Liger-Kernel's ``LigerFusedLinearJSDLoss``
@@ -15,11 +17,14 @@ Cases, each in a fresh process (so peak memory is the case's own), all float32 u
 - ``ours_jsd_bf16_compiled``: the same on bfloat16 weights and hidden states (float32 loss),
   with its relative error against float32.
 
-Time is the median of ``--repeats`` runs after one warm-up run (which also compiles). Memory is
-the peak resident set size during the timed runs minus the resident size with the inputs
-allocated (the peak is reset through ``/proc/self/clear_refs`` after the warm-up). A case that
-runs out of its memory limit (``--memory-limit-gb``, address space) is reported as such. Prints a
-table with ratios to ``liger_jsd_compiled`` and to ``floor`` and writes JSON.
+Time is the median of ``--repeats`` runs after one warm-up run (which also compiles); with
+``--rounds N`` the whole list of cases runs N times, interleaved (on a shared machine a burst of
+other work then lands on different cases in different rounds), and the median is over all the
+timed runs of a case. The load average before each case is recorded. Memory is the peak resident
+set size during the timed runs minus the resident size with the inputs allocated (the peak is
+reset through ``/proc/self/clear_refs`` after the warm-up). A case that runs out of its memory
+limit (``--memory-limit-gb``, address space) is reported as such. Prints a table with ratios to
+``liger_jsd_compiled`` and to ``floor`` (both measured in the same run) and writes JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 
 CASES = (
     "floor",
+    "floor_chunked",
     "naive_kl",
     "trl_jsd",
     "liger_jsd_compiled",
@@ -61,6 +67,7 @@ def run_case(case: str, tokens: int, hidden: int, vocab: int, repeats: int) -> d
     import torch
 
     from distill.losses import forward_kl, fused_linear_distill
+    from distill.losses.chunked import default_chunk_rows
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if "bf16" in case else torch.float32
@@ -79,6 +86,19 @@ def run_case(case: str, tokens: int, hidden: int, vocab: int, repeats: int) -> d
                 teacher_hidden @ teacher_weight.t()
                 logits @ student_weight
                 logits.t() @ student_hidden
+            return 0.0
+        if case == "floor_chunked":
+            rows = default_chunk_rows(vocab, tokens)
+            with torch.no_grad():
+                student_logits, teacher_logits = torch.empty(rows, vocab), torch.empty(rows, vocab)
+                grad_hidden, grad_weight = torch.empty(tokens, hidden), torch.zeros(vocab, hidden)
+                for start in range(0, tokens, rows):
+                    chunk = student_hidden[start : start + rows]
+                    size = chunk.shape[0]
+                    torch.mm(chunk, student_weight.t(), out=student_logits[:size])
+                    torch.mm(teacher_hidden[start : start + rows], teacher_weight.t(), out=teacher_logits[:size])
+                    torch.mm(student_logits[:size], student_weight, out=grad_hidden[start : start + rows])
+                    grad_weight.addmm_(student_logits[:size].t(), chunk)
             return 0.0
         if case == "naive_kl":
             loss = forward_kl(student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t())
@@ -133,6 +153,21 @@ def run_case(case: str, tokens: int, hidden: int, vocab: int, repeats: int) -> d
     return result
 
 
+def _merge_rounds(case: str, runs: list[dict]) -> dict:
+    """One row per case from its rounds: the median over all timed runs, the largest peak."""
+    timed = [run for run in runs if "seconds" in run]
+    if not timed:
+        return {**runs[0], "load_before": [run["load_before"] for run in runs]}
+    times = [t for run in timed for t in run["times"]]
+    row = {**timed[0], "seconds": statistics.median(times), "times": times, "min_seconds": min(times)}
+    row["peak_extra_gb"] = max(run["peak_extra_gb"] for run in timed)
+    row["warm_up_s"] = [run["warm_up_s"] for run in timed]
+    row["load_before"] = [run["load_before"] for run in runs]
+    if len(timed) < len(runs):
+        row["failed_rounds"] = [run["error"] for run in runs if "error" in run]
+    return row
+
+
 def amx_available() -> bool:
     try:
         return "amx" in Path("/proc/cpuinfo").read_text()
@@ -145,6 +180,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="8192x576x49152,4096x896x151936", help="tokens x hidden x vocab, comma-separated")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="run the list of cases this many times, interleaved")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0, help="address-space limit of each case's process")
     parser.add_argument("--out", default="benchmarks/results/chunked_loss.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -167,21 +203,25 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         tokens, hidden, vocab = (int(x) for x in shape.split("x"))
-        rows = []
-        for case in args.cases.split(","):
-            command = [sys.executable, __file__, "--child", f"{tokens},{hidden},{vocab},{case}",
-                       "--repeats", str(args.repeats), "--memory-limit-gb", str(args.memory_limit_gb)]
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
-            lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-            if completed.returncode != 0 or not lines:
-                tail = (completed.stderr or "").strip().splitlines()[-1:] or ["no output"]
-                killed = completed.returncode < 0 or "MemoryError" in completed.stderr or "alloc" in completed.stderr
-                row = {"case": case, "error": "out of memory" if killed else f"failed: {tail[0][:160]}"}
-            else:
-                row = json.loads(lines[-1])
-            rows.append(row)
-            shown = f"{row['seconds']:.2f} s, +{row['peak_extra_gb']:.2f} GB" if "seconds" in row else row["error"]
-            print(f"  [{shape}] {case}: {shown}", flush=True)
+        runs: dict[str, list[dict]] = {case: [] for case in args.cases.split(",")}
+        for round_index in range(args.rounds):
+            for case, case_runs in runs.items():
+                command = [sys.executable, __file__, "--child", f"{tokens},{hidden},{vocab},{case}",
+                           "--repeats", str(args.repeats), "--memory-limit-gb", str(args.memory_limit_gb)]
+                load = os.getloadavg()[0]
+                completed = subprocess.run(command, capture_output=True, text=True, check=False)
+                lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+                if completed.returncode != 0 or not lines:
+                    tail = (completed.stderr or "").strip().splitlines()[-1:] or ["no output"]
+                    killed = completed.returncode < 0 or "MemoryError" in completed.stderr or "alloc" in completed.stderr
+                    row = {"case": case, "error": "out of memory" if killed else f"failed: {tail[0][:160]}"}
+                else:
+                    row = json.loads(lines[-1])
+                row["load_before"] = load
+                case_runs.append(row)
+                shown = f"{row['seconds']:.2f} s, +{row['peak_extra_gb']:.2f} GB" if "seconds" in row else row["error"]
+                print(f"  [{shape}] round {round_index + 1}: {case}: {shown} (load average {load:.2f})", flush=True)
+        rows = [_merge_rounds(case, case_runs) for case, case_runs in runs.items()]
         timed = {row["case"]: row for row in rows if "seconds" in row}
         for row in rows:
             if "seconds" not in row:
@@ -190,6 +230,8 @@ def main() -> None:
                 row["vs_liger_compiled"] = row["seconds"] / timed["liger_jsd_compiled"]["seconds"]
             if "floor" in timed:
                 row["vs_floor"] = row["seconds"] / timed["floor"]["seconds"]
+            if "floor_chunked" in timed:
+                row["vs_floor_chunked"] = row["seconds"] / timed["floor_chunked"]["seconds"]
         results.append({"tokens": tokens, "hidden": hidden, "vocab": vocab, "rows": rows})
 
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "amx": amx_available(), "python": platform.python_version()}
@@ -200,20 +242,20 @@ def main() -> None:
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, AMX: {'yes' if machine['amx'] else 'no'}, torch {machine['torch']}")
     for shape in results:
         print(f"\ntokens {shape['tokens']}, hidden {shape['hidden']}, vocab {shape['vocab']} (float32 unless noted)")
-        print(f"{'case':<26}{'seconds':>9}{'peak +GB':>10}{'vs Liger compiled':>19}{'vs floor':>10}")
+        print(f"{'case':<24}{'seconds':>9}{'min':>8}{'peak +GB':>10}{'vs Liger compiled':>19}{'vs floor':>10}{'vs chunked floor':>18}")
         for row in shape["rows"]:
             if "seconds" not in row:
-                print(f"{row['case']:<26}{row['error']:>48}")
+                print(f"{row['case']:<24}{row['error']:>56}")
                 continue
-            liger = f"{row['vs_liger_compiled']:.2f}x" if "vs_liger_compiled" in row else "-"
-            floor = f"{row['vs_floor']:.2f}x" if "vs_floor" in row else "-"
+            ratios = [f"{row[key]:.2f}x" if key in row else "-" for key in ("vs_liger_compiled", "vs_floor", "vs_floor_chunked")]
             extra = f"  (error vs float32: {row['relative_error_vs_float32']:.1e})" if "relative_error_vs_float32" in row else ""
-            print(f"{row['case']:<26}{row['seconds']:>9.2f}{row['peak_extra_gb']:>10.2f}{liger:>19}{floor:>10}{extra}")
+            print(f"{row['case']:<24}{row['seconds']:>9.2f}{row['min_seconds']:>8.2f}{row['peak_extra_gb']:>10.2f}"
+                  f"{ratios[0]:>19}{ratios[1]:>10}{ratios[2]:>18}{extra}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from distill.io import atomic_write_json
 
-    atomic_write_json(out, {"machine": machine, "repeats": args.repeats, "shapes": results})
+    atomic_write_json(out, {"machine": machine, "repeats": args.repeats, "rounds": args.rounds, "shapes": results})
     print(f"\nwritten: {out}")
 
 

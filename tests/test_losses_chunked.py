@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses.chunked import DIVERGENCES, fused_linear_distill
+from distill.losses.chunked import (
+    DIVERGENCES,
+    MIN_CHUNK_ROWS,
+    default_chunk_rows,
+    fused_linear_distill,
+)
 
 CASES = [
     ("forward_kl", {}),
@@ -182,3 +187,131 @@ def test_the_compiled_chunk_equals_the_eager_one() -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for got, want in zip(torch.autograd.grad(compiled, (sh, sw)), torch.autograd.grad(eager, (sh, sw))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+COMPILED_CASES = [
+    ("forward_kl", {"temperature": 2.0}),
+    ("reverse_kl", {"temperature": 1.5}),
+    ("generalized_jsd", {"beta": 0.3}),
+    ("total_variation", {}),
+    ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.2}),
+    ("hinton_kd", {"temperature": 4.0}),
+    ("taid", {"t": 0.4, "temperature": 2.0, "form": "cross_entropy"}),
+]
+
+
+@pytest.mark.parametrize(("divergence", "params"), COMPILED_CASES)
+def test_the_compiled_chunk_equals_the_dense_loss_for_every_branch(divergence, params) -> None:
+    """The compiled chunk is written differently from the eager one (logs of row sums on broadcast
+    views, the label's one-hot as a comparison): float32 value and gradients within 1e-5 of the
+    dense float64 loss, label cross-entropy fused, a last chunk shorter than the others."""
+    sh, sw, sb, th, tw, labels, mask = _problem(dtype=torch.float64, tokens=(2, 24), hidden=(8, 8), vocab=64, seed=1)
+    kwargs = {"divergence": divergence, "params": params, "kd_weight": 0.7, "ce_weight": 0.3}
+    dense = _dense(sh, sw, sb, th, tw, labels, mask, divergence, params, 0.7, 0.3)
+    expected = torch.autograd.grad(dense, (sh, sw, sb))
+    inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in (sh, sw, sb)]
+    with torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = fused_linear_distill(
+            *inputs[:2], th.float(), tw.float(), labels, student_bias=inputs[2], mask=mask, chunk_rows=10, compile=True, **kwargs
+        )
+        grads = torch.autograd.grad(compiled, inputs)
+    assert not [w for w in caught if "fused_linear_distill" in str(w.message)]  # compiled, no fallback
+    torch.testing.assert_close(compiled.double(), dense, rtol=1e-5, atol=1e-7)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("divergence", "params"),
+    [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}), ("skew_forward_kl", {"alpha": 0.1}),
+     ("skew_reverse_kl", {"alpha": 0.1})],
+)
+def test_extreme_logits_where_probabilities_underflow(divergence, params) -> None:
+    """Logits hundreds apart: most probabilities underflow to 0 in float32. The closed forms stay
+    finite and about as close to the float64 loss as the dense float32 loss is (the gradient is
+    tiny and rounding-dominated there, for both)."""
+    sh, sw, _, th, tw, _, mask = _problem(dtype=torch.float32, tokens=(2, 16), hidden=(6, 6), vocab=40, seed=2)
+    sh, th = (sh.detach() * 60).requires_grad_(True), th * 60
+    fused = fused_linear_distill(sh, sw, th, tw, mask=mask, divergence=divergence, params=params, chunk_rows=5)
+    grads = torch.autograd.grad(fused, (sh, sw))
+    dense = DIVERGENCES[divergence](F.linear(sh, sw), F.linear(th, tw), mask=mask, **params)
+    dense_grads = torch.autograd.grad(dense, (sh, sw))
+    sh64, sw64 = sh.detach().double().requires_grad_(True), sw.detach().double().requires_grad_(True)
+    exact = DIVERGENCES[divergence](F.linear(sh64, sw64), F.linear(th.double(), tw.double()), mask=mask, **params)
+    exact_grads = torch.autograd.grad(exact, (sh64, sw64))
+    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(fused.double(), exact, rtol=1e-5, atol=0)
+    for got, dense_got, want in zip(grads, dense_grads, exact_grads):
+        error, dense_error = ((g.double() - want).abs().max() / want.abs().max() for g in (got, dense_got))
+        assert error <= 3 * dense_error + 1e-6, (float(error), float(dense_error))
+
+
+@pytest.mark.parametrize(
+    ("divergence", "params"),
+    [("reverse_kl", {"temperature": 1.5}), ("skew_forward_kl", {"alpha": 0.3}), ("skew_reverse_kl", {"alpha": 0.3}),
+     ("total_variation", {}), ("hinton_kd", {"temperature": 2.0})],
+)
+def test_float64_gradcheck_of_every_closed_form(divergence, params) -> None:
+    """Numerical gradients (TAID is left out: its target is detached by definition)."""
+    sh, sw, sb, th, tw, labels, mask = _problem(tokens=(2, 5), vocab=7, seed=4)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_distill(
+            h, w, th, tw, labels, student_bias=b, mask=mask, divergence=divergence, params=params, ce_weight=0.5, chunk_rows=3,
+        ),
+        (sh, sw, sb),
+    )
+
+
+def test_an_outer_gradient_scales_the_stored_gradients() -> None:
+    sh, sw, _, th, tw, labels, mask = _problem()
+    fused = fused_linear_distill(sh, sw, th, tw, labels, mask=mask, divergence="generalized_jsd", ce_weight=0.5, chunk_rows=4)
+    once = torch.autograd.grad(fused, (sh, sw), retain_graph=True)
+    scaled = torch.autograd.grad(2.5 * fused, (sh, sw), retain_graph=True)
+    again = torch.autograd.grad(fused, (sh, sw))  # the stored gradients are not modified by backward
+    for a, b, c in zip(once, scaled, again):
+        torch.testing.assert_close(b, 2.5 * a)
+        torch.testing.assert_close(c, a)
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_without_gradients_the_value_is_the_dense_loss(closed_form) -> None:
+    sh, sw, sb, th, tw, labels, mask = _problem()
+    kwargs = {"divergence": "generalized_jsd", "params": {"beta": 0.3}, "kd_weight": 0.7, "ce_weight": 0.3}
+    with torch.no_grad():
+        fused = fused_linear_distill(sh, sw, th, tw, labels, student_bias=sb, mask=mask, chunk_rows=4, closed_form=closed_form, **kwargs)
+    dense = _dense(sh, sw, sb, th, tw, labels, mask, "generalized_jsd", {"beta": 0.3}, 0.7, 0.3)
+    torch.testing.assert_close(fused, dense.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_the_default_chunk_rule() -> None:
+    assert MIN_CHUNK_ROWS == 512
+    assert default_chunk_rows(49152) == 512  # 16M logits would be 341 rows: too few for the matmuls
+    assert default_chunk_rows(151936) == 512
+    assert default_chunk_rows(16384) == 1024  # 16M logits
+    assert default_chunk_rows(1000) == 4096  # at most 4096 rows
+    assert default_chunk_rows(49152, 8192) == 512
+    assert default_chunk_rows(49152, 8000) == 500  # 16 even chunks instead of a short last one
+    assert default_chunk_rows(49152, 513) == 257
+    assert default_chunk_rows(49152, 100) == 100  # one chunk
+    for rows in (1, 511, 512, 513, 1025, 4097, 9999):
+        chunk = default_chunk_rows(49152, rows)
+        count = -(-rows // chunk)
+        last = rows - (count - 1) * chunk
+        assert chunk <= 512 and count == -(-rows // 512)  # as few chunks as 512-row ones
+        assert 0 < chunk - last + 1 <= count  # the last one is short by less than one row per chunk
+
+
+def test_eager_blocks_of_rows_inside_a_chunk(monkeypatch) -> None:
+    """Eager closed forms walk a chunk in blocks of rows: the same value and gradients."""
+    from distill.losses import chunked
+
+    sh, sw, sb, th, tw, labels, mask = _problem()
+    kwargs = {"divergence": "generalized_jsd", "params": {"beta": 0.3}, "kd_weight": 0.7, "ce_weight": 0.3}
+    whole = fused_linear_distill(sh, sw, th, tw, labels, student_bias=sb, mask=mask, chunk_rows=8, **kwargs)
+    monkeypatch.setattr(chunked, "EAGER_BLOCK_ELEMENTS", 3 * sw.shape[0])  # 3 rows per block, 8 per chunk
+    blocks = fused_linear_distill(sh, sw, th, tw, labels, student_bias=sb, mask=mask, chunk_rows=8, **kwargs)
+    torch.testing.assert_close(blocks, whole, rtol=1e-12, atol=1e-14)
+    for got, want in zip(torch.autograd.grad(blocks, (sh, sw, sb)), torch.autograd.grad(whole, (sh, sw, sb))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -7,18 +7,32 @@ hidden states and output-projection (``lm_head``) weights of both models and wal
 token rows in chunks; for each chunk it
 
 1. computes the student's and the teacher's logits (two matmuls),
-2. evaluates the per-token loss on them with the very functions of :mod:`distill.losses`
-   (so the value is, by construction, the dense loss) and its gradient with respect to the
-   student's logits, and
+2. evaluates the per-token loss on them and its gradient with respect to the student's logits
+   in closed form (the same quantities as the dense functions of :mod:`distill.losses`, which
+   the tests compare them with; ``closed_form=False`` differentiates those very functions with
+   autograd instead), and
 3. turns that gradient into the gradients of the student's hidden states and ``lm_head``
    weight (two more matmuls), accumulated in float32,
 
-then drops the chunk. The gradients are computed during the forward pass and stored (``[tokens,
-hidden]`` plus ``[vocab, hidden]``), and the backward pass only scales them by the incoming
-gradient: four matmuls per token in all, the floor of any exact method, and peak memory of one
-chunk of logits instead of the whole. This is the scheme of Liger-Kernel's fused linear losses
-(Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), written here with
-plain PyTorch operations.
+then goes on to the next chunk. The gradients are computed during the forward pass and stored
+(``[tokens, hidden]`` plus ``[vocab, hidden]``), and the backward pass only scales them by the
+incoming gradient: four matmuls per token in all, the floor of any exact method, and peak memory
+of one chunk of logits instead of the whole. This is the scheme of Liger-Kernel's fused linear
+losses (Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), written
+here with plain PyTorch operations.
+
+What the time goes to, besides the four matmuls: the student's and teacher's logits and the
+logit gradient live in three ``[chunk, vocab]`` buffers allocated once per call and reused by
+every chunk (the matmuls write into them with ``out=``; a fresh 64 MB tensor per chunk costs as
+much in page faults as a pass over it). With ``compile=True`` the chunk's closed form is one
+``torch.compile`` kernel with a single parallel loop over the rows: for each row the maxima, the
+sums of exponentials, the divergence's sums and the gradient are computed while the row is in
+the core's cache, so the chunk's logits are read from memory once and its gradient written once,
+with one ``exp`` per distribution and element and one ``log`` per element for a mixture
+(generalized JSD, skew KLs). The normalization (``1 / num_valid``) is folded into that gradient,
+so no pass over the stored gradients follows. Chunks hold at least 512 rows
+(:func:`default_chunk_rows`): each chunk streams both weights through memory, and fewer rows
+would make that, rather than the arithmetic, the cost.
 
 Divergences (``divergence=``): ``forward_kl``, ``reverse_kl``, ``generalized_jsd`` (``beta``),
 ``skew_forward_kl`` / ``skew_reverse_kl`` (``alpha``), ``total_variation``, ``jensen_shannon``,
@@ -44,7 +58,6 @@ embedding works: the weight's gradient from this loss is added by autograd to th
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,7 +65,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.losses._common import as_float32
 from distill.losses.divergences import (
     forward_kl,
     generalized_jsd,
@@ -79,12 +91,34 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 """The divergences :func:`fused_linear_distill` can fuse, by name (the dense function of each)."""
 
 CHUNK_ELEMENTS = 1 << 24
-"""Default chunk: about this many logits per chunk (64 MB in float32), at least 16 rows: large
-enough for efficient matmuls (341 rows at a 49k vocabulary), small beside the full logits."""
+"""Default chunk: about this many logits per chunk (64 MB in float32) ..."""
+
+MIN_CHUNK_ROWS = 512
+"""... but at least this many rows. Each chunk streams both ``lm_head`` weights and the weight
+gradient through memory (``5 V H`` floats: 2.7 GB at a 152k vocabulary and hidden 896) whatever
+its size, so a chunk must hold enough rows for its matmuls to outweigh that: measured on a
+2-core Xeon at 4096 x 896 x 151936, the four matmuls in chunks of 110 rows (16M logits) take
+1.38x as long as in chunks of 512, chunks of 256 1.12x, and chunks of 1024 the same as 512."""
+
+MAX_CHUNK_ROWS = 4096
+
+EAGER_BLOCK_ELEMENTS = 1 << 22
+"""Eager (not compiled), the closed forms walk a chunk's rows in blocks of about this many logits
+(16 MB in float32): their dozen elementwise temporaries are then the size of a block, not of a
+chunk, so the eager peak memory stays near the compiled one (and glibc serves temporaries under
+its 32 MB mmap threshold from memory already mapped instead of page-faulting fresh pages)."""
 
 
-def default_chunk_rows(vocab: int) -> int:
-    return max(16, min(4096, CHUNK_ELEMENTS // max(vocab, 1)))
+def default_chunk_rows(vocab: int, rows: int | None = None) -> int:
+    """Rows per chunk: ``CHUNK_ELEMENTS / vocab`` within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]``
+    (341 -> 512 rows at a 49k vocabulary, 110 -> 512 at 152k, 4096 at 4k), then, given the
+    number of ``rows`` to walk, evened out so that every chunk has the same size within one row
+    (8000 rows in 512-row chunks: 16 chunks of 500, not 15 of 512 and one of 320)."""
+    chunk = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab, 1)))
+    if rows:
+        chunks = -(-rows // chunk)
+        chunk = -(-rows // chunks)
+    return chunk
 
 
 def _chunk_loss(
@@ -105,71 +139,133 @@ def _chunk_loss(
     return value
 
 
-def _softmax_parts(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log softmax, softmax) of ``logits / temperature`` along the last dim."""
+def _row_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim, kept ``[R, 1]``."""
+    return values.sum(dim=-1, keepdim=True)
+
+
+def _normalizer(exp: torch.Tensor) -> torch.Tensor:
+    """Row sums of the exponentials, ``[R, 1]``. Compiled, float32 rows are accumulated in
+    float64: inductor sums a row in 16 float32 lanes one element after the other (3072 additions
+    per lane at a 49k vocabulary), which leaves relative errors of about 1e-5 in the normalizer
+    and so in every probability and gradient (``torch.softmax`` in float32 shows the same); eager
+    sums are pairwise and need no help. The other row sums (a divergence's value, ``sum q g``)
+    enter the result additively and keep float32."""
+    if torch.compiler.is_compiling() and exp.dtype == torch.float32:
+        return exp.sum(dim=-1, keepdim=True, dtype=torch.float64).to(torch.float32)
+    return exp.sum(dim=-1, keepdim=True)
+
+
+def _softmax(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax of ``logits / temperature`` in parts: ``(s, e, total, inverse)`` with ``s`` the
+    scaled logits minus their row maximum, ``e = exp(s)``, ``total`` its row sum ``[R, 1]`` and
+    ``inverse = 1 / total``; so ``probs = e * inverse`` and ``log_probs = s - log(total)``.
+
+    Everything below is written with these parts: each element takes one ``exp`` per
+    distribution (and one ``log`` for a mixture). Logs of row values (``log(total)``) only enter
+    per-row results, never an element's expression: compiled, a per-row value inside an
+    elementwise expression is either evaluated in a separate pass over all rows (which splits the
+    one fused per-row loop) or recomputed for every vector of the row."""
     scaled = logits / temperature if temperature != 1.0 else logits
-    log_probs = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
-    return log_probs, log_probs.exp()
+    shifted = scaled - scaled.amax(dim=-1, keepdim=True)
+    exp = shifted.exp()
+    total = _normalizer(exp)
+    return shifted, exp, total, total.reciprocal()
 
 
 def _through_softmax(q: torch.Tensor, grad_q: torch.Tensor) -> torch.Tensor:
     """d/da of a function of ``q = softmax(a)`` from its gradient ``grad_q``: ``q (g - sum q g)``."""
-    return q * (grad_q - (q * grad_q).sum(dim=-1, keepdim=True))
+    return q * (grad_q - _row_sum(q * grad_q))
+
+
+def _temperature(name: str, params: Mapping[str, Any]) -> float:
+    return float(params.get("temperature", 4.0 if name == "hinton_kd" else 1.0))
 
 
 def _divergence_value_and_grad(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, params: Mapping[str, Any]
+    name: str,
+    student: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    params: Mapping[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row value ``[R]`` and gradient ``[R, V]`` w.r.t. the student logits, in closed form.
 
     The same quantities as the dense functions of :data:`DIVERGENCES` (values clamped at 0 per
-    KL, as there), computed without an autograd graph: about half the passes over the logits.
+    KL, as there), computed without an autograd graph. ``q``/``p`` are the student's/teacher's
+    probabilities at the temperature; ``log p - log q = (s_p - s_q) + c`` with the row constant
+    ``c = log total_q - log total_p``, which is added to the row sums (``sum p (s_p - s_q + c) =
+    sum p (s_p - s_q) + c``) and cancels from the gradients; a mixture ``m`` enters as ``log q -
+    log m = s_q - log(total_q m)`` with ``total_q m`` a sum of the two exponentials (one ``log``
+    per element; where both exponentials underflow to 0 the term's weight is 0 and it is set to
+    0). ``student`` is :func:`_softmax` of the student logits at the temperature.
     """
-    temperature = float(params.get("temperature", 4.0 if name == "hinton_kd" else 1.0))
-    log_q, q = _softmax_parts(student_logits, temperature)
+    temperature = _temperature(name, params)
+    s_q, e_q, total_q, inv_q = student
     if name == "taid":
         t = float(params["t"])
-        target = (1.0 - t) * student_logits + t * teacher_logits
-        log_p, p = _softmax_parts(target, temperature)
+        s_p, e_p, total_p, inv_p = _softmax((1.0 - t) * student_logits + t * teacher_logits, temperature)
     else:
-        log_p, p = _softmax_parts(teacher_logits, temperature)
+        s_p, e_p, total_p, inv_p = _softmax(teacher_logits, temperature)
     if name == "generalized_jsd":
         beta = float(params.get("beta", 0.5))
-        name = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, name)
-    if name in ("forward_kl", "hinton_kd", "taid"):
-        value = (p * (log_p - log_q)).sum(-1).clamp_min(0.0)
-        grad = (q - p) / temperature
+        if beta == 0.0:  # comparisons, not a lookup keyed by beta: compiled, they specialize on less
+            name = "forward_kl"
+        elif beta == 1.0:
+            name = "reverse_kl"
+    if name == "skew_forward_kl" and float(params.get("alpha", 0.1)) == 0.0:
+        name = "forward_kl"  # the mixture is q itself
+    if name == "skew_reverse_kl" and float(params.get("alpha", 0.1)) == 0.0:
+        name = "reverse_kl"  # the mixture is p itself
+    q = e_q * inv_q
+    inv_t = 1.0 / temperature
+    if name in ("forward_kl", "hinton_kd", "taid", "reverse_kl"):
+        gap = s_p - s_q  # log p - log q - c
+        shift = (torch.log(total_q) - torch.log(total_p)).squeeze(-1)  # c
+        if name == "reverse_kl":  # KL(q || p) = -(sum q gap + c); gradient q (log q - log p - KL)
+            mean_gap = _row_sum(e_q * gap) * inv_q
+            return (-(mean_gap.squeeze(-1) + shift)).clamp_min(0.0), (-inv_t) * q * (gap - mean_gap)
+        value = ((_row_sum(e_p * gap) * inv_p).squeeze(-1) + shift).clamp_min(0.0)
+        grad = inv_t * (q - e_p * inv_p)
         if name != "forward_kl":  # T^2 KL: hinton_kd, and taid's "kl" form
             scale = temperature**2
             if name == "taid" and params.get("form", "kl") == "cross_entropy":
-                value = -(p * log_q).sum(-1)
+                value = torch.log(total_q).squeeze(-1) - (_row_sum(e_p * s_q) * inv_p).squeeze(-1)  # -sum p log q
             return value * scale, grad * scale
         return value, grad
-    if name == "reverse_kl":
-        raw = (q * (log_q - log_p)).sum(-1, keepdim=True)
-        return raw.squeeze(-1).clamp_min(0.0), q * (log_q - log_p - raw) / temperature
     if name == "total_variation":
-        return 0.5 * (p - q).abs().sum(-1), _through_softmax(q, 0.5 * torch.sign(q - p)) / temperature
+        diff = q - e_p * inv_p
+        return 0.5 * _row_sum(diff.abs()).squeeze(-1), inv_t * _through_softmax(q, 0.5 * torch.sign(diff))
     if name in ("generalized_jsd", "jensen_shannon"):
         beta = float(params.get("beta", 0.5)) if name == "generalized_jsd" else 0.5
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        value = beta * (p * (log_p - log_m)).sum(-1).clamp_min(0.0) + (1.0 - beta) * (q * (log_q - log_m)).sum(-1).clamp_min(0.0)
-        return value, _through_softmax(q, (1.0 - beta) * (log_q - log_m)) / temperature
+        mixture = (1.0 - beta) * e_q + (beta * total_q * inv_p) * e_p  # total_q * m
+        log_q_over_m = torch.where(mixture > 0, s_q - torch.log(mixture), 0.0)
+        kl_q = _row_sum(e_q * log_q_over_m) * inv_q  # KL(q || m), unclamped
+        shift = (torch.log(total_q) - torch.log(total_p)).squeeze(-1)
+        kl_p = (_row_sum(e_p * (log_q_over_m + (s_p - s_q))) * inv_p).squeeze(-1) + shift  # KL(p || m)
+        value = beta * kl_p.clamp_min(0.0) + (1.0 - beta) * kl_q.squeeze(-1).clamp_min(0.0)
+        return value, ((1.0 - beta) * inv_t) * q * (log_q_over_m - kl_q)
     if name == "skew_forward_kl":
         alpha = float(params.get("alpha", 0.1))
-        log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha)) if alpha else log_q
-        value = (p * (log_p - log_m)).sum(-1).clamp_min(0.0)
-        return value, _through_softmax(q, -(1.0 - alpha) * (log_p - log_m).exp()) / temperature
+        mixture = alpha * e_p + ((1.0 - alpha) * total_p * inv_q) * e_q  # total_p * m
+        positive = mixture > 0
+        log_p_over_m = torch.where(positive, s_p - torch.log(mixture), 0.0)
+        value = (_row_sum(e_p * log_p_over_m) * inv_p).squeeze(-1).clamp_min(0.0)
+        p_over_m = torch.where(positive, e_p / mixture, 0.0)
+        return value, inv_t * _through_softmax(q, -(1.0 - alpha) * p_over_m)
     if name == "skew_reverse_kl":
         alpha = float(params.get("alpha", 0.1))
-        log_m = torch.logaddexp(log_q + math.log(alpha), log_p + math.log1p(-alpha)) if alpha else log_p
-        value = (q * (log_q - log_m)).sum(-1).clamp_min(0.0)
-        return value, _through_softmax(q, log_q - log_m - alpha * (log_q - log_m).exp()) / temperature
+        mixture = alpha * e_q + ((1.0 - alpha) * total_q * inv_p) * e_p  # total_q * m
+        positive = mixture > 0
+        log_q_over_m = torch.where(positive, s_q - torch.log(mixture), 0.0)
+        value = (_row_sum(e_q * log_q_over_m) * inv_q).squeeze(-1).clamp_min(0.0)
+        q_over_m = torch.where(positive, e_q / mixture, 0.0)
+        return value, inv_t * _through_softmax(q, log_q_over_m - alpha * q_over_m)
     raise ValueError(f"no closed form for '{name}'")  # pragma: no cover - DIVERGENCES lists the names
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_chunk_value_and_grad() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _compiled_chunk_value_and_grad() -> Callable[..., torch.Tensor]:
     return torch.compile(_chunk_value_and_grad, dynamic=True)
 
 
@@ -177,39 +273,74 @@ def _chunk_value_and_grad(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
+    out: torch.Tensor,
     name: str,
     params: Mapping[str, Any],
     kd_weight: float,
     ce_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of a chunk and its gradient w.r.t. the student's logits (closed forms)."""
+) -> torch.Tensor:
+    """Summed loss of a chunk (returned) and its gradient w.r.t. the student's logits (written
+    into ``out``), in closed form. Compiled, this is one kernel with a single loop over the rows:
+    each row's passes (maxima, sums of exponentials, the divergence's sums, the gradient) run
+    while the row is in cache, and the chunk is read from memory once and the gradient written
+    once."""
+    compiling = torch.compiler.is_compiling()
     value = student_logits.new_zeros(())
-    grad = torch.zeros_like(student_logits)
+    grad: torch.Tensor | None = None
+    temperature = _temperature(name, params)
+    student = _softmax(student_logits, temperature) if kd_weight else None
     if kd_weight:
-        rows, grad_kd = _divergence_value_and_grad(name, student_logits, teacher_logits, params)
+        rows, grad_kd = _divergence_value_and_grad(name, student, student_logits, teacher_logits, params)
         value = value + kd_weight * rows.sum()
-        grad.add_(grad_kd, alpha=kd_weight)
+        grad = grad_kd * kd_weight
     if ce_weight:
-        log_probs, probs = _softmax_parts(student_logits, 1.0)
-        picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        value = value - ce_weight * picked.sum()
-        probs.scatter_add_(-1, labels.unsqueeze(-1), -torch.ones_like(picked).unsqueeze(-1))
-        grad.add_(probs, alpha=ce_weight)
-    return value, grad
+        s, e, total, inverse = student if student is not None and temperature == 1.0 else _softmax(student_logits, 1.0)
+        index = labels.unsqueeze(-1)
+        if compiling:  # a comparison and a masked row sum: they fuse into the loop over each row
+            one_hot = torch.arange(s.shape[-1], device=s.device) == index
+            picked = _row_sum(torch.where(one_hot, s, 0.0)).squeeze(-1)
+            grad_ce = e * inverse - one_hot.to(e.dtype)
+        else:
+            picked = s.gather(-1, index).squeeze(-1)
+            grad_ce = (e * inverse).scatter_add_(-1, index, -torch.ones_like(index, dtype=e.dtype))
+        value = value - ce_weight * (picked - torch.log(total.squeeze(-1))).sum()
+        grad = grad_ce * ce_weight if grad is None else grad + grad_ce * ce_weight
+    if grad is None:
+        out.zero_()
+    else:
+        out.copy_(grad)
+    return value
 
 
 def _closed_form_chunk(
-    setup: dict[str, Any], logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's value and logit gradient: compiled (fused elementwise passes) when asked and
-    possible, else eager. A compiler failure falls back to eager once, with a warning."""
+    setup: dict[str, Any], logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """The chunk's value, its logit gradient written into ``out``: compiled (one fused kernel)
+    when asked and possible, else eager, in blocks of rows (:data:`EAGER_BLOCK_ELEMENTS`). A
+    compiler failure falls back to eager once, with a warning."""
     if setup["compile"]:
         try:
-            return _compiled_chunk_value_and_grad()(logits, teacher_logits, labels, *setup["closed_form"])
+            return _compiled_chunk_value_and_grad()(logits, teacher_logits, labels, out, *setup["closed_form"])
         except Exception as error:  # no C++ compiler, an unsupported backend, ...
             warnings.warn(f"fused_linear_distill: torch.compile failed ({type(error).__name__}: {error}); running eagerly")
             setup["compile"] = False
-    return _chunk_value_and_grad(logits, teacher_logits, labels, *setup["closed_form"])
+    block = max(1, EAGER_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
+    value = logits.new_zeros(())
+    for start in range(0, logits.shape[0], block):
+        rows = slice(start, start + block)
+        block_labels = labels[rows] if labels is not None else None
+        value = value + _chunk_value_and_grad(logits[rows], teacher_logits[rows], block_labels, out[rows], *setup["closed_form"])
+    return value
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` written into ``out`` (a reused buffer: no fresh allocation,
+    so no page faults, per chunk). A matmul in another dtype (bfloat16) is cast into it."""
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(F.linear(hidden, weight, bias))
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -229,27 +360,41 @@ class _FusedLinearDistill(torch.autograd.Function):
         need_grad = want_hidden or want_weight or want_bias
         rows = student_hidden.shape[0]
         accumulate = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-        grad_hidden = torch.zeros(student_hidden.shape, dtype=accumulate, device=student_hidden.device) if want_hidden else None
-        grad_weight = torch.zeros(student_weight.shape, dtype=accumulate, device=student_weight.device) if want_weight else None
+        # every row of grad_hidden is written by its chunk, and grad_weight by the first chunk's
+        # matmul: no zero fill
+        grad_hidden = torch.empty(student_hidden.shape, dtype=accumulate, device=student_hidden.device) if want_hidden else None
+        grad_weight = torch.empty(student_weight.shape, dtype=accumulate, device=student_weight.device) if want_weight else None
+        weight_written = False
         grad_bias = (
             torch.zeros(student_bias.shape, dtype=accumulate, device=student_bias.device)
             if want_bias and student_bias is not None
             else None
         )
         total = torch.zeros((), dtype=accumulate, device=student_hidden.device)
-        step = setup["chunk_rows"]
+        step = max(1, min(setup["chunk_rows"], rows))
+        vocab = student_weight.shape[0]
+        # One buffer per [chunk, vocab] tensor, reused by every chunk: the matmuls write into
+        # them and the closed form writes the gradient into the third, so no chunk allocates
+        # (a fresh 64 MB tensor costs as much in page faults as a pass over it).
+        student_buffer = torch.empty((step, vocab), dtype=accumulate, device=student_hidden.device)
+        teacher_buffer = torch.empty((step, vocab), dtype=accumulate, device=student_hidden.device)
+        grad_buffer = (
+            torch.empty((step, vocab), dtype=accumulate, device=student_hidden.device)
+            if need_grad and setup["closed_form"]
+            else None
+        )
         for start in range(0, rows, step):
             hidden = student_hidden[start : start + step]
-            logits = as_float32(F.linear(hidden, student_weight, student_bias))
-            teacher_logits = as_float32(
-                F.linear(teacher_hidden[start : start + step], teacher_weight, teacher_bias)
-            ).to(logits.dtype)
+            size = hidden.shape[0]
+            logits = _project(hidden, student_weight, student_bias, student_buffer[:size])
+            teacher_logits = _project(teacher_hidden[start : start + step], teacher_weight, teacher_bias, teacher_buffer[:size])
             chunk_labels = labels[start : start + step] if labels is not None else None
             if not need_grad:
                 total += _chunk_loss(logits, teacher_logits, chunk_labels, *setup["loss"]).detach()
                 continue
-            if setup["closed_form"]:
-                value, grad_logits = _closed_form_chunk(setup, logits, teacher_logits, chunk_labels)
+            if grad_buffer is not None:
+                grad_logits = grad_buffer[:size]
+                value = _closed_form_chunk(setup, logits, teacher_logits, chunk_labels, grad_logits)
             else:
                 logits = logits.detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -262,23 +407,34 @@ class _FusedLinearDistill(torch.autograd.Function):
                 else:
                     grad_hidden[start : start + step] = grad_logits.to(student_weight.dtype) @ student_weight
             if grad_weight is not None:
-                if hidden.dtype == accumulate:
+                if hidden.dtype == accumulate and weight_written:
                     grad_weight.addmm_(grad_logits.t(), hidden)
-                else:
+                elif hidden.dtype == accumulate:
+                    torch.mm(grad_logits.t(), hidden, out=grad_weight)
+                elif weight_written:
                     grad_weight += (grad_logits.t().to(hidden.dtype) @ hidden).to(accumulate)
+                else:
+                    grad_weight.copy_(grad_logits.t().to(hidden.dtype) @ hidden)
+                weight_written = True
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             del logits, teacher_logits, grad_logits, value
-        scale = setup["scale"]
-        ctx.grads = tuple(g * scale if g is not None else None for g in (grad_hidden, grad_weight, grad_bias))
+        grad_buffer_used = grad_buffer is not None
+        del student_buffer, teacher_buffer, grad_buffer
+        if grad_weight is not None and not weight_written:  # no valid token
+            grad_weight.zero_()
+        # the closed form's weights carry the normalization already: no pass over its gradients
+        scale = 1.0 if need_grad and grad_buffer_used else setup["scale"]
+        ctx.grads = tuple(g.mul_(scale) if g is not None and scale != 1.0 else g for g in (grad_hidden, grad_weight, grad_bias))
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, student_bias.dtype if student_bias is not None else None)
         return total * scale
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grads = []
+        unit = bool(grad_output == 1)  # loss.backward(): the stored gradients as they are
         for grad, dtype in zip(ctx.grads, ctx.dtypes):
-            grads.append(None if grad is None else (grad * grad_output).to(dtype))
+            grads.append(None if grad is None else (grad if unit else grad * grad_output).to(dtype))
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
@@ -351,10 +507,13 @@ def fused_linear_distill(
             raise ValueError(f"labels have shape {tuple(labels.shape)} but the hidden states' leading dims are {tuple(leading)}")
         valid &= labels.to(valid.device) != ignore_index
     index = valid.reshape(-1).nonzero().squeeze(1)
-    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
-    teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-    label_rows = labels.reshape(-1).to(index.device).index_select(0, index) if labels is not None else None
     count = int(index.numel())
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    label_rows = labels.reshape(-1).to(index.device) if labels is not None else None
+    if count < valid.numel():  # drop the invalid rows (a copy; none when every token counts)
+        student_rows, teacher_rows = student_rows.index_select(0, index), teacher_rows.index_select(0, index)
+        label_rows = label_rows.index_select(0, index) if label_rows is not None else None
     if reduction == "sum":
         scale = 1.0
     else:
@@ -365,9 +524,10 @@ def fused_linear_distill(
     params = dict(params or {})
     closed = closed_form and not (divergence == "taid" and isinstance(params.get("t"), torch.Tensor))
     setup = {
-        "chunk_rows": chunk_rows or default_chunk_rows(student_weight.shape[0]),
+        "chunk_rows": chunk_rows or default_chunk_rows(student_weight.shape[0], count),
         "loss": (DIVERGENCES[divergence], params, float(kd_weight), float(ce_weight)),
-        "closed_form": (divergence, params, float(kd_weight), float(ce_weight)) if closed else None,
+        # the closed form writes its gradients already normalized: no pass over them afterwards
+        "closed_form": (divergence, params, float(kd_weight) * scale, float(ce_weight) * scale) if closed else None,
         "compile": bool(compile) and closed,
         "scale": scale,
     }
