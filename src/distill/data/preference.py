@@ -18,7 +18,6 @@ the layout :mod:`distill.losses.preference` expects. YAML::
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ from distill.data.text import (
     _lm_meta,
     _pad,
     get_tokenizer,
+    iter_jsonl,
 )
 from distill.registry import DATASETS
 
@@ -44,34 +44,25 @@ FIELDS = ("prompt", "chosen", "rejected")
 def read_preference_jsonl(paths: Sequence[Path]) -> list[tuple[ChatExample, ChatExample]]:
     """(chosen, rejected) examples from JSONL files; errors name ``file:line``."""
     pairs: list[tuple[ChatExample, ChatExample]] = []
-    for path in paths:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}")
-                missing = [field for field in FIELDS if not isinstance(record.get(field), str) or not record[field]]
-                if missing:
-                    raise ValueError(
-                        f"{where}: {', '.join(repr(m) for m in missing)} must be "
-                        f"{'a non-empty string' if len(missing) == 1 else 'non-empty strings'}; "
-                        f"a preference pair needs {', '.join(FIELDS)} (the object has keys {sorted(record)})"
-                    )
-                system = record.get("system")
-                if system is not None and not isinstance(system, str):
-                    raise ValueError(f"{where}: 'system' must be a string")
-                pairs.append(
-                    (
-                        ChatExample(where, prompt=record["prompt"], completion=record["chosen"], system=system),
-                        ChatExample(where, prompt=record["prompt"], completion=record["rejected"], system=system),
-                    )
-                )
+    for where, record in iter_jsonl(paths):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}")
+        missing = [field for field in FIELDS if not isinstance(record.get(field), str) or not record[field]]
+        if missing:
+            raise ValueError(
+                f"{where}: {', '.join(repr(m) for m in missing)} must be "
+                f"{'a non-empty string' if len(missing) == 1 else 'non-empty strings'}; "
+                f"a preference pair needs {', '.join(FIELDS)} (the object has keys {sorted(record)})"
+            )
+        system = record.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"{where}: 'system' must be a string")
+        pairs.append(
+            (
+                ChatExample(where, prompt=record["prompt"], completion=record["chosen"], system=system),
+                ChatExample(where, prompt=record["prompt"], completion=record["rejected"], system=system),
+            )
+        )
     if not pairs:
         raise ValueError(f"no preference pairs in {', '.join(str(p) for p in paths)}")
     return pairs

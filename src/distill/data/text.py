@@ -457,9 +457,8 @@ def _example_from_record(record: Any, where: str) -> ChatExample:
     )
 
 
-def read_chat_jsonl(paths: Sequence[Path]) -> list[ChatExample]:
-    """Examples from JSONL files, one object per non-blank line; errors name ``file:line``."""
-    examples: list[ChatExample] = []
+def iter_jsonl(paths: Sequence[Path]) -> Iterator[tuple[str, Any]]:
+    """``(file:line, object)`` for every non-blank line of JSONL files; bad JSON names ``file:line``."""
     for path in paths:
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
@@ -470,8 +469,12 @@ def read_chat_jsonl(paths: Sequence[Path]) -> list[ChatExample]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-                examples.append(_example_from_record(record, where))
-    return examples
+                yield where, record
+
+
+def read_chat_jsonl(paths: Sequence[Path]) -> list[ChatExample]:
+    """Examples from JSONL files, one object per non-blank line; errors name ``file:line``."""
+    return [_example_from_record(record, where) for where, record in iter_jsonl(paths)]
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
