@@ -39,6 +39,7 @@ from distill.losses.preference import adpa, dckd
 from distill.losses.ranking import margin_mse
 from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
 from distill.losses.sinkhorn import sinkhorn
+from distill.losses.sparse import sparse_kd
 from distill.losses.swing import swing_kd
 from distill.losses.taid import TAID, taid_loss, taid_target
 from distill.losses.tgeo import TGeoKD
@@ -82,6 +83,7 @@ __all__ = [
     "rkd_angle",
     "rkd_distance",
     "sinkhorn",
+    "sparse_kd",
     "skew_forward_kl",
     "skew_reverse_kl",
     "swing_kd",
