@@ -29,22 +29,44 @@ class ArraySplit:
     ``t`` must predict (``input_ids[i, t + 1]``), or :data:`IGNORE_INDEX` where position ``t`` is not
     trained on (padding, prompt tokens, the last position). With causal attention and right padding,
     no valid position attends to padding, so no attention mask is needed to train or score.
+
+    ``groups`` (optional) is an int64 ``[N]`` tensor: the group (domain) index of each row, e.g. the
+    source corpus of each token block in a multi-domain data set (see :mod:`distill.data.domains`).
+    It travels with the rows through :meth:`subset` and every split of
+    :func:`distill.data.splits.prepare`, which then stratifies its draws by group.
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.inputs.shape[0] != self.labels.shape[0]:
             raise ValueError(
                 f"inputs and labels differ in length: {self.inputs.shape[0]} inputs, {self.labels.shape[0]} labels"
             )
+        if self.groups is not None:
+            if not isinstance(self.groups, torch.Tensor):
+                raise TypeError(f"groups must be a torch.Tensor of group indices, got {type(self.groups).__name__}")
+            if self.groups.dim() != 1 or self.groups.dtype != torch.int64:
+                raise ValueError(
+                    f"groups must be an int64 tensor [N] (one group index per row); got {self.groups.dtype} "
+                    f"{tuple(self.groups.shape)}"
+                )
+            if self.groups.shape[0] != self.labels.shape[0]:
+                raise ValueError(
+                    f"groups and labels differ in length: {self.groups.shape[0]} group indices, "
+                    f"{self.labels.shape[0]} rows"
+                )
+            if self.groups.numel() and int(self.groups.min()) < 0:
+                raise ValueError(f"groups must be indices >= 0; got {int(self.groups.min())}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: torch.Tensor) -> "ArraySplit":
-        return ArraySplit(self.inputs[indices], self.labels[indices])
+    def subset(self, indices: torch.Tensor) -> ArraySplit:
+        groups = self.groups[indices] if self.groups is not None else None
+        return ArraySplit(self.inputs[indices], self.labels[indices], groups)
 
 
 @dataclass
@@ -73,6 +95,10 @@ class RawDataset:
                 continue
             digest.update(split.inputs.detach().contiguous().cpu().numpy().tobytes())
             digest.update(split.labels.detach().contiguous().cpu().numpy().tobytes())
+            if split.groups is not None:
+                # Only when present, so fingerprints of data without groups are unchanged.
+                digest.update(b"groups")
+                digest.update(split.groups.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
 

@@ -5,6 +5,12 @@ the purpose of the draw (``"test"``, ``"val"``, ``"train_subset"``, ``"test_subs
 from the global RNG: the splits depend on the data and the ``data`` settings only, so runs with
 different ``seed`` values (and every process of a multi-process run) see the same splits, and
 changing e.g. ``train_subset`` does not move samples between val and test.
+
+Splits whose rows carry ``groups`` (domain indices, see :class:`~distill.data.base.ArraySplit`)
+keep them through every draw, and the draws are stratified by group: for token sequences with
+at least one row of every group on each side where the group has 2 rows or more (see
+:func:`group_quotas`), so that validation and test splits hold every domain; for class labels
+jointly by (class, group).
 """
 
 from __future__ import annotations
@@ -54,17 +60,20 @@ def stratified_quotas(class_counts: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def stratified_choice(
-    labels: torch.Tensor, count: int, generator: torch.Generator, num_classes: int
+    labels: torch.Tensor, count: int, generator: torch.Generator, num_classes: int,
+    quotas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``count`` of the samples with ``labels`` ``[N]``, stratified by class.
 
     Within each class the chosen samples are a uniformly random subset (drawn from
-    ``generator``); class quotas come from :func:`stratified_quotas`. Returns the chosen and the
-    remaining indices, each sorted ascending (int64 ``[count]`` and ``[N - count]``).
+    ``generator``); class quotas come from :func:`stratified_quotas` unless given (``[K]`` int64,
+    summing to ``count``). Returns the chosen and the remaining indices, each sorted ascending
+    (int64 ``[count]`` and ``[N - count]``).
     """
     size = int(labels.shape[0])
     class_counts = torch.bincount(labels, minlength=num_classes)
-    quotas = stratified_quotas(class_counts, count)
+    if quotas is None:
+        quotas = stratified_quotas(class_counts, count)
     permutation = torch.randperm(size, generator=generator)
     # Group the shuffled samples by class, keeping the shuffled order inside each class.
     grouped = permutation[torch.sort(labels[permutation], stable=True).indices]
@@ -95,12 +104,56 @@ def _carve(
         raise ValueError(
             f"{key} = {fraction} of {len(split)} samples leaves no training samples; lower {key}"
         )
-    held_out, kept = _choice(split.labels, count, split_generator(split_seed, what), num_classes)
+    held_out, kept = _choice(split, count, split_generator(split_seed, what), num_classes)
     return split.subset(kept), split.subset(held_out)
 
 
-def _choice(labels: torch.Tensor, count: int, generator: torch.Generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`stratified_choice` for class labels ``[N]``; a uniform draw for token sequences."""
+def group_quotas(group_counts: torch.Tensor, total: int, both_sides: bool = True) -> torch.Tensor:
+    """:func:`stratified_quotas` of ``total`` over groups (domains), adjusted so that every group
+    has at least one row taken and, with ``both_sides``, one left, where ``total`` allows it: a
+    missing row is moved from the group whose quota is largest (and above 1), or given back by the
+    group that would otherwise be taken whole. With ``both_sides`` only groups of at least 2 rows
+    qualify (a carved split: held out vs kept); without, every non-empty group (a subsample).
+    Returns ``[G]`` int64."""
+    quotas = stratified_quotas(group_counts, total)
+    eligible = group_counts >= (2 if both_sides else 1)
+    for group in torch.nonzero(eligible & (quotas == 0)).flatten().tolist():
+        donors = torch.where(quotas > 1, quotas, torch.zeros_like(quotas))
+        donor = int(donors.argmax())
+        if int(donors[donor]) == 0:
+            break
+        quotas[donor] -= 1
+        quotas[group] += 1
+    if not both_sides:
+        return quotas
+    for group in torch.nonzero(eligible & (quotas == group_counts)).flatten().tolist():
+        room = torch.where(quotas < group_counts - 1, group_counts - 1 - quotas, torch.zeros_like(quotas))
+        room[group] = 0
+        receiver = int(room.argmax())
+        if int(room[receiver]) == 0:
+            break
+        quotas[group] -= 1
+        quotas[receiver] += 1
+    return quotas
+
+
+def _choice(
+    split: ArraySplit, count: int, generator: torch.Generator, num_classes: int, both_sides: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``count`` rows of ``split``: stratified by class for class labels ``[N]``, a uniform
+    draw for token sequences; with ``groups``, stratified by group (token sequences; every group
+    among the chosen rows and, with ``both_sides``, among the rest, where possible, see
+    :func:`group_quotas`) or jointly by class and group (class labels)."""
+    labels = split.labels
+    if split.groups is not None:
+        groups = split.groups
+        num_groups = int(groups.max()) + 1 if groups.numel() else 1
+        if labels.dim() == 1:
+            # Joint strata (class, group): class shares and group shares both stay close to exact.
+            strata = labels * num_groups + groups
+            return stratified_choice(strata, count, generator, num_classes * num_groups)
+        quotas = group_quotas(torch.bincount(groups, minlength=num_groups), count, both_sides)
+        return stratified_choice(groups, count, generator, num_groups, quotas=quotas)
     if labels.dim() == 1:
         return stratified_choice(labels, count, generator, num_classes)
     permutation = torch.randperm(int(labels.shape[0]), generator=generator)
@@ -117,7 +170,7 @@ def _subsample(
             f"{key} = {count} is larger than the {what} split, which has {len(split)} samples; "
             f"lower {key} to at most {len(split)} or remove it"
         )
-    chosen, _ = _choice(split.labels, count, split_generator(split_seed, f"{what}_subset"), num_classes)
+    chosen, _ = _choice(split, count, split_generator(split_seed, f"{what}_subset"), num_classes, both_sides=False)
     return split.subset(chosen)
 
 
@@ -153,7 +206,7 @@ def normalize_inputs(inputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 
 
 def _normalized(split: ArraySplit, mean: torch.Tensor, std: torch.Tensor) -> ArraySplit:
-    return ArraySplit(normalize_inputs(split.inputs, mean, std), split.labels)
+    return ArraySplit(normalize_inputs(split.inputs, mean, std), split.labels, split.groups)
 
 
 def split_fingerprint(raw: RawDataset, spec: DataSpec) -> str:
@@ -223,6 +276,12 @@ def prepare(raw: RawDataset, spec: DataSpec) -> DataBundle:
     _check_labels(raw.train, num_classes, f"data set '{raw.name}' train", raw.task)
     if raw.test is not None:
         _check_labels(raw.test, num_classes, f"data set '{raw.name}' test", raw.task)
+        if (raw.train.groups is None) != (raw.test.groups is None):
+            with_groups = "train" if raw.train.groups is not None else "test"
+            raise ValueError(
+                f"data set '{raw.name}': only the {with_groups} split carries groups (domain indices); "
+                "a builder must give groups to both splits or to neither"
+            )
         if raw.test.inputs.shape[1:] != raw.train.inputs.shape[1:]:
             raise ValueError(
                 f"data set '{raw.name}': train inputs are {tuple(raw.train.inputs.shape[1:])} per sample but "
