@@ -6,6 +6,9 @@
     distill list [models|datasets|losses|optimizers|schedulers]
     distill validate EXP.yaml [--set ...] [--print]
     distill search-student EXP.yaml [--set ...] [--run RUN_DIR] [--reuse FOLDER] [--out DIR]
+    distill cache-teacher EXP.yaml [--set ...] [--teacher KEY] [--out DIR] [--k K] [--value-bits 8|16]
+    distill cache verify|info PATH
+    distill select-data EXP.yaml [--set ...] [--out DIR] [--fraction F]
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -91,7 +94,131 @@ def _parser() -> argparse.ArgumentParser:
                         help="copy identical finished stages from run folders under FOLDER when the teacher must be trained")
     search.add_argument("--out", metavar="DIR", help="output folder (default: <output_dir>/<name>/search-<timestamp>/)")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cache_teacher = commands.add_parser(
+        "cache-teacher", help="run a language-model teacher over the training split once and store its top-k (resumable)"
+    )
+    cache_teacher.add_argument("config", help="experiment YAML file (its `cache:` section gives the defaults)")
+    add_overrides(cache_teacher)
+    cache_teacher.add_argument("--teacher", help="key in `models` of the teacher (default: cache.teacher)")
+    cache_teacher.add_argument("--out", help="output folder (default: cache.path)")
+    cache_teacher.add_argument("--k", type=int, help="most likely tokens kept per position (default: cache.k or 64)")
+    cache_teacher.add_argument("--value-bits", type=int, choices=[8, 16], help="bits per log-probability (default 8)")
+    cache_teacher.add_argument("--batch-size", type=int, help="sequences per teacher forward pass")
+    cache_teacher.add_argument("--shard-rows", type=int, help="training rows per shard")
+    cache_teacher.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    select = commands.add_parser("select-data", help="MiniPLM difference sampling: keep the documents a teacher knows and a small model does not")
+    select.add_argument("config", help="experiment YAML file with a `select:` section")
+    add_overrides(select)
+    select.add_argument("--out", help="output folder (default: select.out)")
+    select.add_argument("--fraction", type=float, help="share of the documents kept (default: select.fraction)")
+    select.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cache = commands.add_parser("cache", help="inspect or verify a teacher cache or a data-selection score store")
+    cache.add_argument("action", choices=["verify", "info"], help="verify: re-hash every shard; info: what it holds")
+    cache.add_argument("path", help="the store's folder")
     return parser
+
+
+def _row_progress(console: Console, no_progress: bool, label: str) -> tuple[Any, Any]:
+    """A rich progress bar over rows and the ``advance(done, total)`` callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn(f"[bold blue]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=no_progress or not console.is_terminal,
+    )
+    task = progress.add_task(label, total=None)
+
+    def advance(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, advance
+
+
+def _command_cache_teacher(args: argparse.Namespace, console: Console) -> int:
+    from distill.cache.teacher import build_teacher_cache
+    from distill.config import ConfigError, load_experiment
+
+    experiment = load_experiment(args.config, args.overrides)
+    section = experiment.cache
+    teacher = args.teacher or (section.teacher if section else None)
+    out = args.out or (section.path if section else None)
+    if teacher is None or out is None:
+        raise ConfigError(["say which teacher and where: a `cache: {teacher: KEY, path: DIR}` section, or --teacher and --out"])
+    settings = {
+        "k": args.k or (section.k if section else 64),
+        "value_bits": args.value_bits or (section.value_bits if section else 8),
+        "batch_size": args.batch_size or (section.batch_size if section else 8),
+        "shard_rows": args.shard_rows or (section.shard_rows if section else 256),
+    }
+    console.print(f"caching the top-{settings['k']} of teacher '{teacher}' into [cyan]{out}[/cyan]")
+    progress, advance = _row_progress(console, args.no_progress, "teacher cache")
+    with progress:
+        manifest = build_teacher_cache(experiment, out, teacher=teacher, progress=advance, log=console.print, **settings)
+    stats = manifest["stats"]
+    _stdout().print(
+        f"cache complete: {manifest['rows']:,} rows, {stats['tokens']:,} tokens, {len(manifest['shards'])} shards, "
+        f"{stats['bytes'] / 1e6:.1f} MB ({stats['bytes_per_token']:.1f} bytes/token, records of {stats['record_bytes']} bytes)"
+    )
+    return 0
+
+
+def _command_select(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from distill.config import load_experiment
+    from distill.selection import select_data
+
+    experiment = load_experiment(args.config, args.overrides)
+    progress = Progress(
+        TextColumn("[bold blue]scoring with the {task.fields[role]}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.no_progress or not console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def advance(role: str, done: int, total: int) -> None:
+        if role not in tasks:
+            tasks[role] = progress.add_task(role, total=total, role=role)
+        progress.update(tasks[role], completed=done, total=total)
+
+    with progress:
+        summary = select_data(experiment, out=args.out, fraction=args.fraction, progress=advance, log=console.print)
+    out = Path(args.out or experiment.select.out)
+    _stdout().print(
+        f"kept {summary['kept']:,} of {summary['documents']:,} documents ({summary['tokens_kept']:,} of {summary['tokens_total']:,} "
+        f"target tokens); mean score {summary['score_kept_mean']:.4f} kept vs {summary['score_all_mean']:.4f} all"
+    )
+    for name, share in (summary.get("kept_share_by_domain") or {}).items():
+        _stdout().print(f"  {name}: {100 * share:.1f}% of its documents kept" if share is not None else f"  {name}: no documents")
+    _stdout().print(f"train on it with: data.select: {out}   (ranked documents: {out / 'selected.jsonl'})")
+    return 0
+
+
+def _command_cache(args: argparse.Namespace, console: Console) -> int:
+    from distill.cache.store import ShardedReader
+
+    reader = ShardedReader(args.path)
+    out = _stdout()
+    if args.action == "verify":
+        problems = reader.verify()
+        for problem in problems:
+            console.print(f"[red]bad shard:[/red] {escape(problem)}", highlight=False)
+        if problems:
+            return 1
+        out.print(f"{args.path}: all {len(reader.entries)} shards match their checksums ({reader.total_bytes / 1e6:.1f} MB)")
+        return 0
+    import json
+
+    records = reader.total_records
+    summary = {
+        "kind": reader.manifest["kind"], "rows": reader.rows, "records": records, "shards": len(reader.entries),
+        "bytes": reader.total_bytes, "bytes_per_record": round(reader.total_bytes / records, 3) if records else None,
+        "meta": reader.meta,
+    }
+    out.print(json.dumps(summary, indent=2, sort_keys=True), markup=False, highlight=False)
+    return 0
 
 
 def _stdout() -> Console:
@@ -306,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": _command_list,
         "validate": _command_validate,
         "search-student": _command_search,
+        "cache-teacher": _command_cache_teacher,
+        "cache": _command_cache,
+        "select-data": _command_select,
     }
     from distill.config import ConfigError
 

@@ -12,6 +12,8 @@ A term names a registered loss and, for each tensor argument of that loss, the *
     student.lm_head           its output projection weight [V, H] (trained; tied to the embedding if the model ties)
     teacher.last_hidden / teacher.lm_head   the same on the teacher
     reference.logits          the output of the stage's `reference` model (no gradient; e.g. ADPA's reference policy)
+    teacher.topk_logprobs     a cached teacher's top-k log-probabilities [B, T, k] (`teacher: {cache: PATH}`)
+    teacher.topk_ids / teacher.tail_logmass   their token ids [B, T, k] and the log mass outside them [B, T]
     student.<path>.output     any submodule's output (or ``.input``), by dotted path (distill.hooks)
     teacher.<path>.output     the same on the teacher
     student.features          the input of the model's last nn.Linear (penultimate features)
@@ -76,6 +78,9 @@ DEFAULT_SOURCES: dict[str, str] = {
     "teacher_hidden": "teacher.last_hidden",
     "student_weight": "student.lm_head",
     "teacher_weight": "teacher.lm_head",
+    "teacher_logprobs": "teacher.topk_logprobs",
+    "teacher_ids": "teacher.topk_ids",
+    "teacher_tail": "teacher.tail_logmass",
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
@@ -91,6 +96,9 @@ KNOWN_SOURCES: tuple[str, ...] = (
     "teacher.last_hidden",
     "teacher.lm_head",
     "reference.logits",
+    "teacher.topk_logprobs",
+    "teacher.topk_ids",
+    "teacher.tail_logmass",
 )
 """Sources a stage provides (teacher ones when it has a teacher, ``batch.patch_mask`` when it masks
 inputs: ``input_mask``); feature sources come on top."""

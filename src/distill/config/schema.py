@@ -56,6 +56,9 @@ class DataSpec(Section):
     test_subset: int | None = Field(default=None, ge=1, description="keep only this many test samples")
     normalize: bool = Field(default=True, description="standardize inputs per channel with training-split statistics")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    select: str | None = Field(
+        default=None, description="folder written by `distill select-data`: train on the training rows it kept (MiniPLM)"
+    )
 
 
 class TermSpec(Section):
@@ -158,13 +161,56 @@ class GenerateSpec(Section):
     )
 
 
+class CachedTeacherSpec(Section):
+    """A teacher read from an offline top-k cache (``distill cache-teacher``) instead of run live."""
+
+    cache: str = Field(description="folder written by `distill cache-teacher` (its rows are the training split's rows)")
+    model: str | None = Field(
+        default=None, description="the `models` key the cache was made from: its spec and weight hash are checked too"
+    )
+    verify: bool = Field(default=False, description="re-hash every shard before training (reads the whole cache once)")
+
+
+class MixtureSpec(Section):
+    """DDK's domain-aware data mixture (language-model data with domains, e.g. `domain_text`).
+
+    Every ``every_steps`` optimizer steps the student's and the teacher's loss on each domain's
+    validation rows set the domain sampling weights (see distill.engine.ddk and docs/ddk.md);
+    ``method: uniform`` samples the domains equally with the same sampler (the baseline).
+    """
+
+    method: Literal["ddk", "uniform"] = Field(default="ddk", description="ddk: weights follow the gaps; uniform: equal weights")
+    every_steps: int = Field(default=50, ge=1, description="optimizer steps between weight updates (the paper's K)")
+    smoothing: float = Field(default=0.5, ge=0.0, le=1.0, description="the paper's alpha (share moved by each update)")
+    gap: Literal["ratio", "difference"] = Field(default="ratio", description="ratio: PPL_S/PPL_T (paper); difference: CE_S - CE_T")
+    normalize: Literal["softmax", "sum"] = Field(default="softmax", description="softmax (paper) or proportional to the gap")
+    rule: Literal["ddk", "ema"] = Field(default="ddk", description="ddk: the paper's multiplicative update; ema: moving average")
+    min_weight: float = Field(default=0.0, ge=0.0, le=1.0, description="floor on every domain's weight")
+    initial: Literal["uniform", "proportional"] = Field(default="uniform", description="weights before the first update")
+    eval_rows: int | None = Field(default=64, ge=1, description="validation rows per domain scored at each update (null: all)")
+
+
 class StageSpec(Section):
     """One stage: which model learns, from which teacher, with which objective."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cached_teacher(cls, data: Any) -> Any:
+        # `teacher: {cache: PATH}` is a cached teacher; it is kept as `teacher_cache`.
+        if isinstance(data, dict) and isinstance(data.get("teacher"), dict):
+            data = dict(data)
+            if data.get("teacher_cache") is not None:
+                raise ValueError("give the cached teacher once: `teacher: {cache: PATH}` or `teacher_cache:`, not both")
+            data["teacher_cache"] = data.pop("teacher")
+        return data
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique name, used for folders and reports")
     model: str = Field(description="key in `models` of the network this stage trains")
     teacher: str | None = Field(
         default=None, description="an earlier stage (its trained model) or a key in `models`; none for label training"
+    )
+    teacher_cache: CachedTeacherSpec | None = Field(
+        default=None, description="set by `teacher: {cache: PATH}`: the teacher's top-k read from an offline cache"
     )
     init_from: str | None = Field(default=None, description="start from the weights an earlier stage produced")
     reference: str | None = Field(
@@ -184,6 +230,46 @@ class StageSpec(Section):
     )
     generate: GenerateSpec | None = Field(
         default=None, description="language models: replace completions by student (on-policy) or teacher (sequence-level) samples"
+    )
+    mixture: MixtureSpec | None = Field(
+        default=None, description="sample training rows by domain with weights DDK updates (data with domains, e.g. domain_text)"
+    )
+
+
+class CacheSpec(Section):
+    """`distill cache-teacher`: run a language-model teacher over the training split once, store its top-k."""
+
+    teacher: str = Field(description="key in `models` of the teacher to cache (pretrained `source` or `weights`)")
+    path: str = Field(description="output folder (a cache run killed partway continues there)")
+    k: int = Field(default=64, ge=1, description="most likely tokens kept per position")
+    value_bits: Literal[8, 16] = Field(default=8, description="bits per stored log-probability (8: 300 B/token at k=128)")
+    batch_size: int = Field(default=8, ge=1, description="sequences per teacher forward pass")
+    shard_rows: int = Field(default=256, ge=1, description="training rows per shard (the unit of resumption)")
+
+
+class ReferenceTrainingSpec(Section):
+    """How `distill select-data` trains MiniPLM's small reference model on a slice of the corpus."""
+
+    steps: int = Field(default=200, ge=1, description="optimizer steps of plain language modelling")
+    fraction: float = Field(default=0.1, gt=0.0, le=1.0, description="share of the training documents it sees")
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0, description="AdamW learning rate")
+
+
+class SelectSpec(Section):
+    """`distill select-data`: MiniPLM's Difference Sampling of the training split."""
+
+    teacher: str = Field(description="key in `models` of the teacher (pretrained `source` or `weights`)")
+    reference: str = Field(description="key in `models` of the small reference LM (its weights, or trained here)")
+    fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="share of the documents kept (the paper's alpha)")
+    out: str = Field(description="output folder: score stores, selected.jsonl, selection.json (read by data.select)")
+    normalize: Literal["per_token", "sum"] = Field(
+        default="per_token", description="score = mean (per_token) or total (sum) log-likelihood ratio of a document"
+    )
+    batch_size: int = Field(default=8, ge=1, description="documents per forward pass")
+    shard_rows: int = Field(default=256, ge=1, description="documents per shard of the score stores")
+    reference_training: ReferenceTrainingSpec | None = Field(
+        default=None, description="train the reference model first (when it has no weights of its own)"
     )
 
 
@@ -321,6 +407,8 @@ class Experiment(Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     compare: CompareSpec = Field(default_factory=CompareSpec)
     search: SearchSpec | None = Field(default=None, description="`distill search-student`: training-free student search")
+    cache: CacheSpec | None = Field(default=None, description="`distill cache-teacher`: an offline teacher top-k cache")
+    select: SelectSpec | None = Field(default=None, description="`distill select-data`: MiniPLM's Difference Sampling")
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

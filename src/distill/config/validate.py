@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from distill.config.schema import Experiment, ModelSpec, StageSpec
+from distill.cache.teacher import CACHE_SOURCES
 from distill.registry import (
     DATASETS,
     LOSSES,
@@ -125,6 +126,27 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                 )
             )
 
+    cached = stage.teacher_cache
+    if cached is not None:
+        if stage.teacher is not None:
+            problems.append((path + ("teacher",), "a stage has one teacher: a model (`teacher: KEY`) or a cache (`teacher: {cache: PATH}`), not both"))
+        if cached.model is not None and cached.model not in experiment.models:
+            problems.append(
+                (
+                    path + ("teacher_cache", "model"),
+                    f"no model '{cached.model}' in `models`{did_you_mean(cached.model, list(experiment.models))}; "
+                    f"defined: {', '.join(experiment.models)}",
+                )
+            )
+        if stage.generate is not None:
+            problems.append(
+                (path + ("generate",), "generated completions need a live teacher; a cached teacher only covers the training split's own tokens")
+            )
+    if stage.mixture is not None:
+        if stage.mixture.method == "ddk" and stage.teacher is None:
+            problems.append((path + ("mixture",), "mixture.method ddk compares the student with a live teacher; set `teacher:` (a model or an earlier stage)"))
+        if stage.generate is not None:
+            problems.append((path + ("mixture",), "a domain mixture draws training rows; it cannot be combined with `generate`"))
     has_teacher = stage.teacher is not None
     adapters = stage.objective.adapters
     used_adapters: set[str] = set()
@@ -210,7 +232,23 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         "set `reference:` on the stage (an earlier stage or a key in `models`)",
                     )
                 )
-            elif source.startswith("teacher.") and not has_teacher:
+            elif source in CACHE_SOURCES and cached is None:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads {source}, which only a cached teacher provides; "
+                        "build one with `distill cache-teacher` and set `teacher: {cache: PATH}` on the stage",
+                    )
+                )
+            elif source.startswith("teacher.") and source not in CACHE_SOURCES and cached is not None:
+                problems.append(
+                    (
+                        term_path + ("loss",),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' reads its teacher from a cache, which "
+                        f"provides {', '.join(CACHE_SOURCES)} only; use the sparse_kd loss, or a live teacher (`teacher: KEY`)",
+                    )
+                )
+            elif source.startswith("teacher.") and not has_teacher and source not in CACHE_SOURCES:
                 problems.append(
                     (
                         term_path + ("loss",),
@@ -259,6 +297,23 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
 
         problems += search_problems(experiment)
 
+    if experiment.cache is not None and experiment.cache.teacher not in experiment.models:
+        problems.append(
+            (
+                ("cache", "teacher"),
+                f"no model '{experiment.cache.teacher}' in `models`{did_you_mean(experiment.cache.teacher, list(experiment.models))}; "
+                f"defined: {', '.join(experiment.models)}",
+            )
+        )
+    if experiment.select is not None:
+        for field in ("teacher", "reference"):
+            key = getattr(experiment.select, field)
+            if key not in experiment.models:
+                problems.append(
+                    (("select", field), f"no model '{key}' in `models`{did_you_mean(key, list(experiment.models))}; defined: {', '.join(experiment.models)}")
+                )
+    if experiment.data.select is not None and not (Path(experiment.data.select) / "selection.json").is_file():
+        problems.append((("data", "select"), f"no selection.json in {experiment.data.select}; run `distill select-data` first"))
     stage_names = [s.name for s in experiment.stages]
     if experiment.evaluation.reference is not None and experiment.evaluation.reference not in stage_names:
         problems.append(

@@ -8,7 +8,7 @@ normalized splits as a :class:`DataBundle`.
 from __future__ import annotations
 
 from distill.config.schema import DataSpec
-from distill.data import local, preference, text, vision  # noqa: F401  (registers the built-in data sets)
+from distill.data import domains, local, preference, text, vision  # noqa: F401  (registers the built-in data sets)
 from distill.data.base import ArraySplit, DataBundle, RawDataset
 from distill.data.splits import prepare
 from distill.data.transforms import augment_batch
@@ -34,4 +34,21 @@ def load_data(spec: DataSpec) -> DataBundle:
             f"data set builder '{spec.dataset}' returned {type(raw).__name__}; it must return a "
             "distill.data.RawDataset"
         )
-    return prepare(raw, spec)
+    bundle = prepare(raw, spec)
+    if spec.select is not None:
+        bundle = _apply_selection(bundle, spec.select)
+    return bundle
+
+
+def _apply_selection(bundle: DataBundle, folder: str) -> DataBundle:
+    """Keep the training rows a ``distill select-data`` run chose (MiniPLM's refined corpus)."""
+    import hashlib
+
+    from distill.selection import load_selection
+
+    rows = load_selection(folder, bundle.train)
+    bundle.train = bundle.train.subset(rows)
+    digest = hashlib.sha256(bundle.fingerprint.encode())
+    digest.update(rows.numpy().tobytes())
+    bundle.fingerprint = digest.hexdigest()
+    return bundle

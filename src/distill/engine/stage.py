@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from distill.cache.teacher import CACHE_SOURCES
 from distill.config.schema import StageSpec, merged_section, stage_setting
 from distill.data.transforms import augment_batch
 from distill.engine.batches import derive_seed, global_batches, local_slice, steps_per_epoch
@@ -210,15 +211,15 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     reference = context.frozen(stage.reference, before=experiment.stages.index(stage)) if stage.reference else None
     if reference is not None and is_lm:
         check_language_models(context.data, {"student": student, "reference": reference})
-    forward = ForwardPass(
-        student.to(device), teacher, required_sources(terms), autocast, stage.input_mask, lm=is_lm, reference=reference
-    )
+    cache = _open_cache(context, stage)
+    live_sources = required_sources(terms) - set(CACHE_SOURCES)
+    forward = ForwardPass(student.to(device), teacher, live_sources, autocast, stage.input_mask, lm=is_lm, reference=reference)
     source_shapes = None
     if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
         # Adapters and some losses are sized from one probing pass (adapter targets included).
         targets = {a.to for a in adapters.values() if a.to not in (None, "logits")}
         probe = ForwardPass(
-            student, teacher, required_sources(terms) | targets, autocast, stage.input_mask, lm=is_lm, reference=reference
+            student, teacher, live_sources | targets, autocast, stage.input_mask, lm=is_lm, reference=reference
         )
         source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
     with torch.random.fork_rng(devices=[]):
@@ -274,6 +275,9 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         context.callbacks.on_message(f"stage '{stage.name}': prepared {', '.join(names)} from the training set")
 
     order_seed = derive_seed(experiment.seed, "data")
+    mixture = _build_mixture(context, stage, teacher, plan)
+    if mixture is not None and latest is not None and state.get("mixture"):
+        mixture.mixture.load_state_dict(state["mixture"])
     load_batch = _batch_loader(context, device)
     teacher_predictions: dict[str, torch.Tensor] = {}
     if teacher is not None and not is_lm:
@@ -298,6 +302,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
                     "window": window,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                    "mixture": mixture.mixture.state_dict() if mixture is not None else None,
                 },
             )
             prune_checkpoints(checkpoint_dir, experiment.checkpoint.keep_last)
@@ -312,6 +317,10 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             batches = global_batches(len(train), plan.batch_size, order_seed, epoch, context.world_size)
             while batch_position < len(batches) and step < plan.total_steps:
                 group = batches[batch_position : batch_position + plan.grad_accum_steps]
+                if mixture is not None:
+                    # DDK: the same number of micro-batches, their rows drawn by domain weights
+                    mixture.maybe_update(step, accelerator.unwrap_model(model))
+                    group = mixture.mixture.draw(step, plan.batch_size, order_seed, len(group))
                 local_groups = [local_slice(b, context.world_size, context.rank) for b in group]
                 micro_batches = [load_batch(indices, epoch) for indices in local_groups]
                 if is_lm:
@@ -334,6 +343,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     count = float(counts[micro_index])
                     with sync:
                         sources = forward(inputs, labels)
+                        if cache is not None:
+                            sources.update(cache.sources(local_groups[micro_index], labels, device))
                         if is_lm:
                             output = objective(sources, mask=sources["batch.mask"], reduction="sum")
                             loss = output.total * (context.world_size / max(step_count, 1.0))
@@ -402,9 +413,85 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 if epoch_finished and epoch % experiment.checkpoint.every_epochs == 0 and step < plan.total_steps:
                     save(epoch, batch_position)
 
-    summary = _finish(context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started)
+    extra = {"mixture": {"domains": mixture.mixture.domains, "history": mixture.mixture.history}} if mixture is not None else {}
+    summary = _finish(
+        context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started, extra
+    )
     context.callbacks.on_stage_end(stage.name, summary)
     return summary
+
+
+class _StageMixture:
+    """A stage's DDK mixture: the weights, the teacher's fixed per-domain losses, the update schedule."""
+
+    def __init__(self, context: RunContext, stage: StageSpec, teacher: torch.nn.Module | None, plan: StagePlan) -> None:
+        from distill.engine.ddk import DomainMixture
+
+        spec = stage.mixture
+        data = context.data
+        domains = data.meta.get("domains")
+        if not data.is_lm or data.train.groups is None or not domains:
+            raise ValueError(
+                f"stages.{stage.name}.mixture needs language-model data whose rows carry domains (e.g. dataset: domain_text)"
+            )
+        if data.val is None or len(data.val) == 0 or data.val.groups is None:
+            raise ValueError(f"stages.{stage.name}.mixture scores every domain on validation rows; set data.val_fraction > 0")
+        self.context, self.spec, self.plan, self.stage = context, spec, plan, stage.name
+        self.mixture = DomainMixture.from_split(
+            data.train, domains, mode=spec.method, gap=spec.gap, normalize=spec.normalize, rule=spec.rule,
+            smoothing=spec.smoothing, min_weight=spec.min_weight, initial=spec.initial,
+        )
+        self.teacher_losses = self._losses(teacher) if teacher is not None else None
+
+    def _losses(self, model: torch.nn.Module) -> torch.Tensor:
+        from distill.engine.ddk import domain_losses
+
+        data = self.context.data
+        return domain_losses(
+            model, data.val, len(self.mixture.domains), batch_size=self.context.experiment.data.eval_batch_size,
+            device=self.context.device, max_rows_per_domain=self.spec.eval_rows, autocast_dtype=self.plan.autocast_dtype,
+        )
+
+    def maybe_update(self, step: int, student: torch.nn.Module) -> None:
+        """Update the weights before ``step`` when it is a multiple of ``every_steps`` (once per step)."""
+        if step % self.spec.every_steps or self.teacher_losses is None:
+            return
+        if self.mixture.history and self.mixture.history[-1]["step"] == step:
+            return
+        student_losses = self._losses(student)
+        self.mixture.update(student_losses, self.teacher_losses, step)
+        names = self.mixture.domains
+        record = {
+            "kind": "mixture",
+            "stage": self.stage,
+            "step": step,
+            "weights": self.mixture.as_dict(),
+            "student_nll": dict(zip(names, map(float, student_losses))),
+            "teacher_nll": dict(zip(names, map(float, self.teacher_losses))),
+        }
+        self.context.log.write(record)
+        listing = ", ".join(f"{name} {weight:.3f}" for name, weight in record["weights"].items())
+        self.context.callbacks.on_message(f"stage '{self.stage}': domain weights at step {step}: {listing}")
+
+
+def _build_mixture(context: RunContext, stage: StageSpec, teacher: torch.nn.Module | None, plan: StagePlan) -> _StageMixture | None:
+    return _StageMixture(context, stage, teacher, plan) if stage.mixture is not None else None
+
+
+def _open_cache(context: RunContext, stage: StageSpec) -> Any:
+    """The stage's cached teacher, checked against this run's data (and teacher model, when named)."""
+    spec = stage.teacher_cache
+    if spec is None:
+        return None
+    from distill.cache.teacher import open_for_stage
+
+    if not context.data.is_lm or context.data.train.inputs.dim() != 2:
+        raise ValueError(f"stages.{stage.name}.teacher: a cached teacher needs language-model data of single sequences [N, T]")
+    cache = open_for_stage(spec.cache, context.data, context.experiment, spec.model, verify=spec.verify)
+    context.callbacks.on_message(
+        f"stage '{stage.name}': teacher read from the cache {spec.cache} (k={cache.k}, {cache.reader.total_records:,} tokens)"
+    )
+    return cache
 
 
 def _batch_loader(context: RunContext, device: torch.device) -> Any:
@@ -490,7 +577,13 @@ def _log_window(
 
 
 def _finish(
-    context: RunContext, stage: StageSpec, plan: StagePlan, student: torch.nn.Module, history: list[dict[str, Any]], elapsed: float
+    context: RunContext,
+    stage: StageSpec,
+    plan: StagePlan,
+    student: torch.nn.Module,
+    history: list[dict[str, Any]],
+    elapsed: float,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the stage's result folder: final weights and a summary with the evaluation history."""
     import json
@@ -508,6 +601,7 @@ def _finish(
         "train_time_s": elapsed,
         "world_size": context.world_size,
         "fingerprint": context.fingerprints.get(stage.name),
+        **(extra or {}),
     }
     if context.is_main:
         weights = state_dict_for_saving(student)

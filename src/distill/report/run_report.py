@@ -149,6 +149,46 @@ def _plot_accuracy(records: list[dict[str, Any]], stages: list[str], path: Path)
     return True
 
 
+def _plot_mixture(records: list[dict[str, Any]], stages: list[str], path: Path) -> list[str]:
+    """Domain sampling weights over optimizer steps (DDK), one panel per stage; the stages plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixture = [r for r in records if r.get("kind") == "mixture"]
+    shown = [s for s in stages if any(r["stage"] == s for r in mixture)]
+    if not shown:
+        return []
+    figure, axes = plt.subplots(1, len(shown), figsize=(5.0 * len(shown), 3.6), squeeze=False)
+    for axis, stage in zip(axes[0], shown):
+        rows = [r for r in mixture if r["stage"] == stage]
+        for domain in rows[0]["weights"]:
+            axis.plot([r["step"] for r in rows], [r["weights"][domain] for r in rows], marker="o", label=domain)
+        axis.set_title(stage)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("sampling weight")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return shown
+
+
+def _mixture_table(records: list[dict[str, Any]], stage: str) -> str:
+    rows = [r for r in records if r.get("kind") == "mixture" and r["stage"] == stage]
+    domains = list(rows[0]["weights"])
+    header = ["step", *[f"{d} weight" for d in domains], *[f"{d} NLL student/teacher" for d in domains]]
+    body = [
+        [str(r["step"]), *[f"{r['weights'][d]:.3f}" for d in domains],
+         *[f"{r['student_nll'][d]:.3f} / {r['teacher_nll'][d]:.3f}" for d in domains]]
+        for r in rows
+    ]
+    return markdown_table(header, body)
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` of a run folder and return the report's path."""
     run_dir = Path(run_dir)
@@ -191,6 +231,12 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["## Training loss", "", "![loss terms over optimizer steps](plots/loss.png)", ""]
     if _plot_accuracy(records, stages, plots / "accuracy.png"):
         lines += ["## Accuracy over epochs", "", "![accuracy per epoch](plots/accuracy.png)", ""]
+    mixed = _plot_mixture(records, stages, plots / "domain_weights.png")
+    if mixed:
+        lines += ["## Domain weights (DDK)", "", "![domain sampling weights over optimizer steps](plots/domain_weights.png)", ""]
+        for stage in mixed:
+            lines += [f"Stage `{stage}`: weights after each update, and each domain's validation NLL (nats/token).", "",
+                      _mixture_table(records, stage), ""]
 
     for stage in stages:
         evals = [r for r in records if r.get("kind") == "eval" and r["stage"] == stage]
