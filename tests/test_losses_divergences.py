@@ -31,13 +31,7 @@ from distill.objective import Objective, Term
 from distill.registry import LOSSES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def numpy_softmax(x: np.ndarray) -> np.ndarray:

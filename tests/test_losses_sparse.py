@@ -14,7 +14,12 @@ import pytest
 import torch
 
 import distill.losses  # noqa: F401  (registers the losses)
-from distill.losses.divergences import forward_kl, generalized_jsd, reverse_kl, total_variation
+from distill.losses.divergences import (
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    total_variation,
+)
 from distill.losses.sparse import SPARSE_DIVERGENCES, TAIL_RULES, sparse_kd
 from distill.objective import Objective, Term, hyperparameters, tensor_arguments
 from distill.registry import LOSSES
@@ -35,13 +40,7 @@ divergences = pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=div_id
 rules = pytest.mark.parametrize("rule", RULES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def dense(divergence: str, beta: float, student: torch.Tensor, teacher: torch.Tensor, **kw: Any) -> torch.Tensor:

@@ -12,7 +12,14 @@ import torch
 from distill.config import load_experiment
 from distill.data import load_data
 from distill.models.build import build_model
-from distill.selection import _RECORD, difference_scores, document_logliks, read_scores, select_data, top_fraction
+from distill.selection import (
+    _RECORD,
+    difference_scores,
+    document_logliks,
+    read_scores,
+    select_data,
+    top_fraction,
+)
 from tests.lm_fixtures import tiny_lm_experiment
 
 

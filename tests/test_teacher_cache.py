@@ -26,7 +26,6 @@ from distill.models.build import build_model
 from tests.conftest import ROOT, write_yaml
 from tests.lm_fixtures import tiny_lm_experiment
 
-
 # -- the record encoding ---------------------------------------------------------------------------
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def top_fraction(scores: np.ndarray, fraction: float, valid: np.ndarray | None =
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     candidates = np.arange(len(scores)) if valid is None else np.nonzero(valid)[0]
-    keep = max(1, int(round(fraction * len(candidates))))
+    keep = max(1, round(fraction * len(candidates)))
     order = candidates[np.lexsort((candidates, -scores[candidates]))]
     return np.sort(order[:keep])
 
@@ -129,7 +130,7 @@ def _train_reference(model: torch.nn.Module, split: ArraySplit, spec: Any, seed:
     from distill.engine.lm import trim_padding
 
     generator = torch.Generator().manual_seed(derive_seed(seed, "select", "reference"))
-    slice_rows = torch.randperm(len(split), generator=generator)[: max(1, int(round(spec.fraction * len(split))))]
+    slice_rows = torch.randperm(len(split), generator=generator)[: max(1, round(spec.fraction * len(split)))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     model.train()
     started = time.perf_counter()
@@ -249,8 +250,8 @@ def select_data(
         "reference": spec.reference,
         "normalize": spec.normalize,
         "fraction": fraction,
-        "documents": int(len(scores)),
-        "kept": int(len(kept)),
+        "documents": len(scores),
+        "kept": len(kept),
         "tokens_kept": int(records["teacher"]["tokens"][kept].sum()),
         "tokens_total": int(records["teacher"]["tokens"].sum()),
         "score_kept_mean": float(scores[kept].mean()),

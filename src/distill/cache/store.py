@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Shard:
     records: np.ndarray
 
     @classmethod
-    def open(cls, path: Path, expect_rows: int, record_bytes: int) -> "Shard":
+    def open(cls, path: Path, expect_rows: int, record_bytes: int) -> Shard:
         size = path.stat().st_size if path.exists() else -1
         if size < _HEADER.size:
             raise StoreError(f"{path}: {'missing' if size < 0 else 'truncated'} (a shard holds at least {_HEADER.size} bytes)")
@@ -191,8 +192,7 @@ class ShardedWriter:
         target = self.path / shard_name(index)
         temporary = self.path / f".{target.name}.tmp-{os.getpid()}"
         with open(temporary, "wb") as handle:
-            for part in _shard_bytes(counts, body, width):
-                handle.write(part)
+            handle.writelines(_shard_bytes(counts, body, width))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)

@@ -36,7 +36,7 @@ HEADER_BYTES = 4
 
 def low_bits(k: int, vocab: int) -> int:
     """Elias-Fano's number of plainly stored low bits for k ids out of ``vocab``."""
-    return max(0, int(math.floor(math.log2(vocab / k)))) if k < vocab else 0
+    return max(0, math.floor(math.log2(vocab / k))) if k < vocab else 0
 
 
 def _layout(k: int, vocab: int, value_bits: int) -> tuple[int, int, int, int]:
@@ -121,9 +121,9 @@ def decode(records: np.ndarray, k: int, vocab: int, value_bits: int = 8) -> tupl
     if records.ndim != 2 or records.shape[1] != low_bytes + high_bytes + value_bytes + HEADER_BYTES:
         raise ValueError(f"records must be [M, {record_bytes(k, vocab, value_bits)}] for k={k}, vocab={vocab}; got {records.shape}")
     bitmap = np.unpackbits(records[:, low_bytes : low_bytes + high_bytes], axis=1, bitorder="little")
-    rows, positions = np.nonzero(bitmap)
-    if len(positions) != m * k:
+    if np.any(bitmap.sum(axis=1, dtype=np.int64) != k):
         raise ValueError("damaged record: its id bitmap does not hold k entries")
+    _, positions = np.nonzero(bitmap)
     high = positions.reshape(m, k) - np.arange(k)
     ids = high.astype(np.int64) << l
     if l:

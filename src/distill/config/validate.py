@@ -143,8 +143,14 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                 (path + ("generate",), "generated completions need a live teacher; a cached teacher only covers the training split's own tokens")
             )
     if stage.mixture is not None:
-        if stage.mixture.method == "ddk" and stage.teacher is None:
-            problems.append((path + ("mixture",), "mixture.method ddk compares the student with a live teacher; set `teacher:` (a model or an earlier stage)"))
+        if stage.mixture.method == "ddk" and stage.teacher is None and (cached is None or cached.model is None):
+            problems.append(
+                (
+                    path + ("mixture",),
+                    "mixture.method ddk compares the student with the teacher on validation rows; set `teacher:` (a model or "
+                    "an earlier stage), or name the model of a cached teacher: `teacher: {cache: PATH, model: KEY}`",
+                )
+            )
         if stage.generate is not None:
             problems.append((path + ("mixture",), "a domain mixture draws training rows; it cannot be combined with `generate`"))
     has_teacher = stage.teacher is not None

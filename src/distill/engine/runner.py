@@ -184,6 +184,9 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
         if stage.teacher is not None and not context.is_stage_teacher(stage.teacher, before=index):
             if all(entry[0] != stage.teacher for entry in entries):
                 entries.append((stage.teacher, None, context.frozen(stage.teacher, before=index), None))
+        cached = stage.teacher_cache.model if stage.teacher_cache is not None else None
+        if cached is not None and all(entry[0] != cached for entry in entries):
+            entries.append((cached, None, context.frozen(cached, before=0), None))  # the model a cache was made from
         entries.append((stage.name, stage.name, context.stage_model(stage.name).to(context.device), context.stage_summary(stage.name)))
 
     rows: list[dict[str, Any]] = []
@@ -212,6 +215,12 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
             "test": metrics,
             "params": count_parameters(model),
         }
+        if is_lm and test.groups is not None and context.data.meta.get("domains"):
+            from distill.engine.ddk import domain_losses
+
+            names = context.data.meta["domains"]
+            nll = domain_losses(model, test, len(names), batch_size=experiment.data.eval_batch_size, device=context.device)
+            row["domain_perplexity"] = {name: float(torch.exp(value)) for name, value in zip(names, nll.double())}
         if summary is not None:
             row["best"] = summary.get("best")
             row["train_time_s"] = summary.get("train_time_s")

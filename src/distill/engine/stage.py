@@ -441,6 +441,9 @@ class _StageMixture:
             data.train, domains, mode=spec.method, gap=spec.gap, normalize=spec.normalize, rule=spec.rule,
             smoothing=spec.smoothing, min_weight=spec.min_weight, initial=spec.initial,
         )
+        if teacher is None and stage.teacher_cache is not None and stage.teacher_cache.model is not None:
+            # a cached teacher: its model scores the validation rows once, then leaves memory
+            teacher = context.frozen(stage.teacher_cache.model, before=0)
         self.teacher_losses = self._losses(teacher) if teacher is not None else None
 
     def _losses(self, model: torch.nn.Module) -> torch.Tensor:

@@ -37,7 +37,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from distill.losses._common import check_temperature, reduce_rows, valid_mask, valid_rows
+from distill.losses._common import (
+    check_temperature,
+    reduce_rows,
+    valid_mask,
+    valid_rows,
+)
 from distill.losses.divergences import _check_unit_interval, log_mixture
 from distill.registry import LOSSES
 

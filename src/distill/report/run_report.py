@@ -231,6 +231,11 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["## Training loss", "", "![loss terms over optimizer steps](plots/loss.png)", ""]
     if _plot_accuracy(records, stages, plots / "accuracy.png"):
         lines += ["## Accuracy over epochs", "", "![accuracy per epoch](plots/accuracy.png)", ""]
+    domain_rows = [r for r in final["rows"] if r.get("domain_perplexity")]
+    if domain_rows:
+        names = list(domain_rows[0]["domain_perplexity"])
+        lines += ["## Test perplexity per domain", "",
+                  markdown_table(["model", *names], [[r["name"], *[f"{r['domain_perplexity'][n]:.1f}" for n in names]] for r in domain_rows]), ""]
     mixed = _plot_mixture(records, stages, plots / "domain_weights.png")
     if mixed:
         lines += ["## Domain weights (DDK)", "", "![domain sampling weights over optimizer steps](plots/domain_weights.png)", ""]
