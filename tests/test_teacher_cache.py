@@ -381,8 +381,7 @@ def test_a_damaged_cache_stops_the_run_before_training(tiny_lm, tmp_path: Path, 
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
-    experiment = _cached_experiment(tiny_lm, tmp_path / "run", full_cache)
-    experiment["stages"][0]["teacher"]["verify"] = True
+    experiment = _cached_experiment(tiny_lm, tmp_path / "run", full_cache)  # verify: true is the default
     with pytest.raises(StoreError, match="shard-00001.bin: checksum mismatch"):
         run_experiment(load_experiment(experiment))
     [run_dir] = (tmp_path / "run" / "tiny_lm").iterdir()
@@ -392,6 +391,14 @@ def test_a_damaged_cache_stops_the_run_before_training(tiny_lm, tmp_path: Path, 
     experiment["stages"][0]["teacher"]["verify"] = False
     with pytest.raises(StoreError, match="shard-00001.bin"):
         run_experiment(load_experiment(experiment))
+    # a manifest that lists another record size than its shards hold
+    build_teacher_cache(load_experiment(_experiment(tiny_lm, tmp_path / "b")), tmp_path / "other", teacher="teacher", k=8)
+    manifest = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    manifest["record_bytes"] += 1
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="the manifest says"):
+        run_experiment(load_experiment(_cached_experiment(tiny_lm, tmp_path / "run2", tmp_path / "other")))
+    assert not list((tmp_path / "run2").rglob("model.safetensors"))
 
 
 def test_config_errors_name_what_a_cached_teacher_cannot_do(tiny_lm, tmp_path: Path) -> None:

@@ -168,7 +168,9 @@ class CachedTeacherSpec(Section):
     model: str | None = Field(
         default=None, description="the `models` key the cache was made from: its spec and weight hash are checked too"
     )
-    verify: bool = Field(default=False, description="re-hash every shard before training (reads the whole cache once)")
+    verify: bool = Field(
+        default=True, description="re-hash every shard before training (reads the cache once; false skips it for huge caches)"
+    )
 
 
 class MixtureSpec(Section):
