@@ -38,6 +38,25 @@ def _rows(run_dir: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads((run_dir / "final.json").read_text())["rows"]}
 
 
+def _initial(config: Path, overrides: list[str]) -> dict[str, float]:
+    """Per-domain test perplexity of the student before training (its initial or pretrained weights)."""
+    import torch
+
+    from distill.data import load_data
+    from distill.engine.batches import derive_seed
+    from distill.engine.ddk import domain_losses
+    from distill.models.build import build_model
+
+    experiment = load_experiment(config, overrides)
+    data = load_data(experiment.data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(experiment.seed, "init", "student"))  # the engine's initialization
+        model = build_model(experiment.models["student"], num_classes=data.num_classes, input_shape=data.input_shape)
+    names = data.meta["domains"]
+    nll = domain_losses(model, data.test, len(names), batch_size=experiment.data.eval_batch_size, device="cpu")
+    return {name: float(torch.exp(value.double())) for name, value in zip(names, nll)}
+
+
 def _run(config: Path, overrides: list[str], label: str) -> dict:
     print(f"training: {label}", flush=True)
     started = time.perf_counter()
@@ -63,7 +82,8 @@ def ddk(out: Path, steps: int, overrides: list[str]) -> dict:
     experiment = load_experiment(config, common)
     started = time.perf_counter()
     manifest = build_teacher_cache(experiment, cache, teacher="teacher", k=experiment.cache.k, shard_rows=128)
-    result = {"cache_build_s": time.perf_counter() - started, "cache": manifest["stats"], "runs": {}}
+    result = {"cache_build_s": time.perf_counter() - started, "cache": manifest["stats"], "runs": {},
+              "initial": _initial(config, common)}
     for name, extra in (("uniform", ["stages.student.mixture.method=uniform"]), ("ddk", [])):
         result["runs"][name] = _run(config, common + extra, f"DDK example, {name}")
     plot = Path(result["runs"]["ddk"]["run_dir"]) / "plots" / "domain_weights.png"
@@ -78,7 +98,8 @@ def miniplm(out: Path, steps: int, overrides: list[str]) -> dict:
     common = [f"output_dir={out / 'runs'}", f"training.max_steps={steps}", f"select.out={selection}", *overrides]
     started = time.perf_counter()
     summary = select_data(load_experiment(config, common), log=print)
-    result = {"select_s": time.perf_counter() - started, "selection": {k: v for k, v in summary.items() if k != "rows"}, "runs": {}}
+    result = {"select_s": time.perf_counter() - started, "selection": {k: v for k, v in summary.items() if k != "rows"}, "runs": {},
+              "initial": _initial(config, common)}
     for name, extra in (("full corpus", []), ("miniplm", [f"data.select={selection}"])):
         result["runs"][name] = _run(config, common + extra, f"MiniPLM example, {name}")
     return result
@@ -96,6 +117,9 @@ def print_tables(report: dict) -> None:
         print(f"\n{part}: test perplexity per domain")
         print("| model | " + " | ".join(domains) + " | all |")
         print("|---|" + "---|" * (len(domains) + 1))
+        initial = report[part].get("initial")
+        if initial:
+            print("| student before training | " + " | ".join(f"{initial[d]:.1f}" for d in domains) + " | |")
         if first.get("teacher_domain_perplexity"):
             t = first["teacher_domain_perplexity"]
             print("| teacher | " + " | ".join(f"{t[d]:.1f}" for d in domains) + f" | {first['teacher_perplexity']:.1f} |")
