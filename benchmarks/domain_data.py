@@ -74,10 +74,10 @@ def _run(config: Path, overrides: list[str], label: str) -> dict:
     }
 
 
-def ddk(out: Path, steps: int, overrides: list[str]) -> dict:
+def ddk(out: Path, steps: int | None, overrides: list[str]) -> dict:
     config = ROOT / "examples" / "ddk_domains.yaml"
     cache = out / "caches" / "ddk_domains-k32"
-    common = [f"output_dir={out / 'runs'}", f"training.max_steps={steps}", f"cache.path={cache}",
+    common = [f"output_dir={out / 'runs'}", *([f"training.max_steps={steps}"] if steps else []), f"cache.path={cache}",
               f"stages.student.teacher={{cache: {cache}, model: teacher}}", *overrides]
     experiment = load_experiment(config, common)
     started = time.perf_counter()
@@ -92,10 +92,10 @@ def ddk(out: Path, steps: int, overrides: list[str]) -> dict:
     return result
 
 
-def miniplm(out: Path, steps: int, overrides: list[str]) -> dict:
+def miniplm(out: Path, steps: int | None, overrides: list[str]) -> dict:
     config = ROOT / "examples" / "miniplm_domains.yaml"
     selection = out / "runs" / "miniplm_selection"
-    common = [f"output_dir={out / 'runs'}", f"training.max_steps={steps}", f"select.out={selection}", *overrides]
+    common = [f"output_dir={out / 'runs'}", *([f"training.max_steps={steps}"] if steps else []), f"select.out={selection}", *overrides]
     started = time.perf_counter()
     summary = select_data(load_experiment(config, common), log=print)
     result = {"select_s": time.perf_counter() - started, "selection": {k: v for k, v in summary.items() if k != "rows"}, "runs": {},
@@ -139,7 +139,7 @@ def print_tables(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["ddk", "miniplm"])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=None, help="override training.max_steps (default: the example's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "domain_data"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="further config overrides")
     args = parser.parse_args()
