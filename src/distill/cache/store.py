@@ -150,8 +150,8 @@ class ShardedWriter:
             name = shard_name(index)
             if name not in listed and (self.path / name).exists():
                 try:
-                    Shard.open(self.path / name, end - start, record_bytes)
-                    self._add_entry(index, start, end)
+                    shard = Shard.open(self.path / name, end - start, record_bytes)
+                    self._add_entry(index, start, end, int(shard.offsets[-1]))
                 except StoreError:
                     (self.path / name).unlink()
         self._save()
@@ -197,13 +197,22 @@ class ShardedWriter:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
         fsync_dir(self.path)
-        self._add_entry(index, start, end)
+        self._add_entry(index, start, end, len(body))
         self._save()
 
-    def _add_entry(self, index: int, start: int, end: int) -> None:
+    def _add_entry(self, index: int, start: int, end: int, records: int) -> None:
         path = self.path / shard_name(index)
-        entry = {"index": index, "file": path.name, "rows": [start, end], "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        entry = {
+            "index": index, "file": path.name, "rows": [start, end], "records": records,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        }
         self.manifest["shards"] = sorted([s for s in self.manifest["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"])
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Records and bytes of the shards written so far (from the manifest, no file read)."""
+        shards = self.manifest["shards"]
+        return {"records": sum(s["records"] for s in shards), "bytes": sum(s["bytes"] for s in shards)}
 
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Mark the store complete (every shard written); ``extra`` keys go into the manifest."""

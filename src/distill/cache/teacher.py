@@ -19,7 +19,6 @@ the field that differs.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,27 +171,23 @@ def build_teacher_caches(
             if progress is not None:
                 progress(done, total)
         for path, (writer, _, _) in writers.items():
-            if index in {i for i, _, _ in writer.pending()}:
+            if any(i == index for i, _, _ in writer.pending()):  # a writer may hold this shard already
                 writer.write_shard(index, rows[path])
     elapsed = round(time.perf_counter() - started, 3)
     return {
-        path: writer.finish(stats={**_stats(path, topk.record_bytes(k, vocab, value_bits)), "last_run_s": elapsed})
+        path: writer.finish(stats={**_stats(writer, topk.record_bytes(k, vocab, value_bits)), "last_run_s": elapsed})
         for path, (writer, k, value_bits) in writers.items()
     }
 
 
-def _stats(path: str | Path, width: int) -> dict[str, Any]:
-    manifest = json.loads((Path(path) / "manifest.json").read_text())
-    shard_bytes = sum(entry["bytes"] for entry in manifest["shards"])
-    tokens = 0
-    for entry in manifest["shards"]:
-        with open(Path(path) / entry["file"], "rb") as handle:
-            tokens += int(np.frombuffer(handle.read(32), dtype="<u8")[2])
+def _stats(writer: ShardedWriter, width: int) -> dict[str, Any]:
+    totals = writer.stats
+    tokens = totals["records"]
     return {
         "tokens": tokens,
         "record_bytes": width,
-        "bytes": shard_bytes,
-        "bytes_per_token": round(shard_bytes / tokens, 3) if tokens else None,
+        "bytes": totals["bytes"],
+        "bytes_per_token": round(totals["bytes"] / tokens, 3) if tokens else None,
     }
 
 
