@@ -53,6 +53,13 @@ def _sources(
         "teacher.features": torch.randn(rows, *teacher_shape, generator=generator).to(dtype).requires_grad_(True),
         # which of a sample's patches were hidden (the last tokens of a token input are its patches)
         "batch.patch_mask": torch.rand(rows, 3, generator=generator) < 0.6,
+        # mixed inputs: the second label and the weight of the first
+        "batch.labels_b": torch.randint(0, CLASSES, (rows,), generator=generator),
+        "batch.mix_lam": torch.rand(rows, generator=generator),
+        # several teachers (K = 3) and an online cohort (N = 3)
+        "teachers.logits": (torch.randn(rows, 3, CLASSES, generator=generator) * scale).to(dtype).requires_grad_(True),
+        "teachers.weights": torch.tensor([0.5, 0.3, 0.2]).expand(rows, 3),
+        "cohort.logits": (torch.randn(rows, 3, CLASSES, generator=generator) * scale).to(dtype).requires_grad_(True),
     }
 
 
@@ -89,10 +96,11 @@ def test_masked_rows_do_not_matter(name: str) -> None:
     mask = torch.tensor([True, False, True, True, False, True, True, False])
     clean = _sources(rows, kind=_kind(name))
     garbage = {k: v.detach().clone() for k, v in clean.items()}
-    for key in ("student.logits", "teacher.logits", "student.features", "teacher.features"):
+    for key in ("student.logits", "teacher.logits", "student.features", "teacher.features", "teachers.logits", "cohort.logits"):
         garbage[key][~mask] = 1e30  # finite garbage where the mask is False
         garbage[key].requires_grad_(True)
     garbage["batch.labels"][~mask] = CLASSES - 1
+    garbage["batch.labels_b"][~mask] = CLASSES - 1
     values = []
     for sources in (clean, garbage):
         value = objective(sources, mask=mask).total
@@ -100,12 +108,12 @@ def test_masked_rows_do_not_matter(name: str) -> None:
         values.append(value.detach())
     torch.testing.assert_close(values[0], values[1])
     assert torch.isfinite(values[1])
-    for key in ("student.logits", "student.features"):
+    for key in ("student.logits", "student.features", "cohort.logits"):
         grad = garbage[key].grad
         if grad is not None:
             assert torch.all(grad[~mask] == 0) and torch.isfinite(grad).all(), key
             torch.testing.assert_close(grad[mask], clean[key].grad[mask])
-    for key in ("teacher.logits", "teacher.features"):
+    for key in ("teacher.logits", "teacher.features", "teachers.logits"):
         assert garbage[key].grad is None, key  # the teacher side never receives gradient
 
 
@@ -116,7 +124,7 @@ def test_fully_masked_gives_zero_and_zero_gradient(name: str) -> None:
     value = objective(sources, mask=torch.zeros(4, dtype=torch.bool)).total
     value.backward()
     assert float(value.detach()) == 0.0
-    for key in ("student.logits", "student.features"):
+    for key in ("student.logits", "student.features", "cohort.logits"):
         grad = sources[key].grad
         assert grad is None or torch.all(grad == 0), key
 
@@ -130,6 +138,6 @@ def test_low_precision_and_extreme_inputs(name: str) -> None:
     value = objective(extreme).total
     value.backward()
     assert torch.isfinite(value)
-    grads = [extreme[key].grad for key in ("student.logits", "student.features") if extreme[key].grad is not None]
+    grads = [extreme[key].grad for key in ("student.logits", "student.features", "cohort.logits") if extreme[key].grad is not None]
     assert grads and all(torch.isfinite(grad).all() for grad in grads)
     assert extreme["teacher.features"].grad is None and extreme["teacher.logits"].grad is None

@@ -199,6 +199,7 @@ REGISTRIES: dict[str, Registry] = {
 
 def load_builtins() -> None:
     """Import the modules whose import registers the built-in components."""
+    import distill.augment  # noqa: F401  (mixed_cross_entropy)
     import distill.data  # noqa: F401
     import distill.losses  # noqa: F401
     import distill.models  # noqa: F401

@@ -31,8 +31,11 @@ from distill.losses.features import (
 )
 from distill.losses.g2sd import masked_feature_mse
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
+from distill.losses.kd3 import kd3, kd3_weights, kept_fraction
 from distill.losses.lm import feature_cosine, fused_kd
 from distill.losses.logit_matching import logit_cosine, logit_mse
+from distill.losses.multi_teacher import MSTDistill, combine_teachers, multi_teacher_kd
+from distill.losses.mutual import mutual_kd
 from distill.losses.nd import NDLoss
 from distill.losses.ofa import ofa_loss, ofa_target_weights
 from distill.losses.preference import adpa, dckd
@@ -70,6 +73,9 @@ __all__ = [
     "gt_weighted_kd",
     "hinton_kd",
     "jensen_shannon",
+    "kd3",
+    "kd3_weights",
+    "kept_fraction",
     "kl_per_position",
     "linear_cka",
     "logit_cosine",
