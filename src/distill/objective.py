@@ -81,6 +81,11 @@ DEFAULT_SOURCES: dict[str, str] = {
     "teacher_logprobs": "teacher.topk_logprobs",
     "teacher_ids": "teacher.topk_ids",
     "teacher_tail": "teacher.tail_logmass",
+    "teachers_logits": "teachers.logits",
+    "teachers_weights": "teachers.weights",
+    "cohort_logits": "cohort.logits",
+    "labels_b": "batch.labels_b",
+    "mix_lam": "batch.mix_lam",
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
@@ -99,9 +104,15 @@ KNOWN_SOURCES: tuple[str, ...] = (
     "teacher.topk_logprobs",
     "teacher.topk_ids",
     "teacher.tail_logmass",
+    "teachers.logits",
+    "teachers.weights",
+    "cohort.logits",
+    "batch.labels_b",
+    "batch.mix_lam",
 )
-"""Sources a stage provides (teacher ones when it has a teacher, ``batch.patch_mask`` when it masks
-inputs: ``input_mask``); feature sources come on top."""
+"""Sources a stage provides (teacher ones when it has a teacher, ``teachers.*`` when it has several,
+``cohort.logits`` when it trains a cohort, ``batch.patch_mask`` when it masks inputs: ``input_mask``,
+``batch.labels_b`` / ``batch.mix_lam`` when it mixes inputs: ``mix``); feature sources come on top."""
 
 INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "input_shapes")
 """Constructor arguments of module losses that the objective supplies itself."""

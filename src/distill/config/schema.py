@@ -192,6 +192,94 @@ class MixtureSpec(Section):
     eval_rows: int | None = Field(default=64, ge=1, description="validation rows per domain scored at each update (null: all)")
 
 
+class TeacherEntry(Section):
+    """One teacher of a multi-teacher stage: a model, its weight and (optionally) its temperature."""
+
+    model: str = Field(description="an earlier stage (its trained model) or a key in `models`")
+    weight: float = Field(default=1.0, gt=0.0, description="its share of the ensemble (weights are normalized to sum to 1)")
+    temperature: float = Field(default=1.0, gt=0.0, description="its logits are divided by this before they are combined")
+
+
+class TeacherCombineSpec(Section):
+    """How a multi-teacher stage forms ``teacher.logits``, the ensemble any loss can read."""
+
+    method: Literal["mean", "confidence"] = Field(
+        default="mean", description="mean: fixed weights; confidence: per-sample weights from each teacher's confidence"
+    )
+    confidence: Literal["label", "entropy"] = Field(
+        default="label", description="confidence from the cross-entropy on the label (CA-MKD) or from the entropy (label-free)"
+    )
+    confidence_temperature: float = Field(default=1.0, gt=0.0, description="softmax temperature over the teachers' scores")
+    offload: bool = Field(
+        default=False, description="keep teachers on the CPU and move each to the device only for its own pass (memory)"
+    )
+    precompute: bool = Field(
+        default=False,
+        description="run each teacher over the data once, alone, before training; needs inputs that do not change (no augmentation)",
+    )
+
+
+class CompetitiveSpec(Section):
+    """CoMD-style competitive rounds: distil, then update the teacher where the student is better."""
+
+    rounds: int = Field(default=2, ge=1, description="student rounds; a teacher update follows every round but the last")
+    teacher_epochs: int = Field(default=1, ge=1, description="epochs of each teacher update")
+    teacher_objective: ObjectiveSpec | None = Field(
+        default=None,
+        description="the teacher's objective on the rows where the student wins (default: cross-entropy + hinton_kd from the student)",
+    )
+    teacher_lr: float | None = Field(default=None, gt=0.0, description="learning rate of the teacher updates (default: the stage's)")
+
+
+class RowFilterSpec(Section):
+    """Train a stage on the training rows where one finished model beats another (set by `competitive`)."""
+
+    model: str = Field(description="an earlier stage whose per-sample loss is compared")
+    better_than: str = Field(description="an earlier stage (or `models` key with weights) it must beat")
+    metric: Literal["cross_entropy"] = "cross_entropy"
+
+
+MIX_PRESETS: dict[str, dict[str, Any]] = {
+    "kd": {"method": "mixup", "alpha": 1.0, "fraction": 0.1},
+    "mixup": {"method": "mixup", "alpha": 1.0, "fraction": 1.0},
+    "cutmix": {"method": "cutmix", "alpha": 1.0, "fraction": 1.0},
+}
+"""`mix.preset` values (see distill.augment.mixing.MIXING_PRESETS); `kd` is MIX-KD's partial mixup."""
+
+
+class MixSpec(Section):
+    """Mixup or CutMix applied to each training batch; teacher and student see the same mixed inputs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        # `preset: kd` fills the keys the mapping leaves out
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = MIX_PRESETS.get(data["preset"])
+            if preset is None:
+                raise ValueError(f"unknown mix preset {data['preset']!r}; known: {', '.join(MIX_PRESETS)}")
+            data = {**preset, **data}
+        return data
+
+    preset: Literal["kd", "mixup", "cutmix"] | None = Field(
+        default=None, description="named settings: kd = partial mixup of 10% of each batch (MIX-KD), mixup, cutmix"
+    )
+    method: Literal["mixup", "cutmix"] = "mixup"
+    alpha: float = Field(default=1.0, gt=0.0, description="Beta(alpha, alpha) mixing strength")
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="share of each batch that is mixed (partial mixup below 1)")
+
+
+class HardSpec(Section):
+    """HARD: a learned spatial augmentation trained to make teacher and student disagree."""
+
+    every_steps: int = Field(default=1, ge=1, description="update the augmenter before every N-th student step")
+    steps: int = Field(default=1, ge=1, description="augmenter optimizer steps per update")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of distill.augment.hard.HardAugmentation (lr, teacher_weight, max_rotation, ...)",
+    )
+
+
 class StageSpec(Section):
     """One stage: which model learns, from which teacher, with which objective."""
 
@@ -236,6 +324,41 @@ class StageSpec(Section):
     mixture: MixtureSpec | None = Field(
         default=None, description="sample training rows by domain with weights DDK updates (data with domains, e.g. domain_text)"
     )
+    teachers: list[TeacherEntry] | None = Field(
+        default=None,
+        description="several teachers (instead of `teacher`): sources teachers.logits [B, K, C] and the ensemble teacher.logits",
+    )
+    combine: TeacherCombineSpec = Field(default_factory=TeacherCombineSpec, description="how several teachers form teacher.logits")
+    cohort: list[str] | None = Field(
+        default=None,
+        description="online distillation: `models` keys trained together with `model` (source cohort.logits [B, N, C], `model` first)",
+    )
+    generations: int | None = Field(
+        default=None, ge=1, description="born-again: repeat this stage N times, each generation teaching the next"
+    )
+    competitive: CompetitiveSpec | None = Field(
+        default=None, description="CoMD: rounds of distillation and teacher updates on the rows where the student is better"
+    )
+    train_rows: RowFilterSpec | None = Field(
+        default=None, description="train only on the rows where one earlier stage's model beats another"
+    )
+    mix: MixSpec | None = Field(default=None, description="mixup / CutMix, the same mixed inputs for teacher and student")
+    hard: HardSpec | None = Field(default=None, description="HARD's learned augmentation (spatial transforms)")
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _teacher_names(cls, value: Any) -> Any:
+        # `teachers: [a, b]` is short for `[{model: a}, {model: b}]`
+        if isinstance(value, list):
+            return [{"model": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("teachers")
+    @classmethod
+    def _two_or_more(cls, value: Any) -> Any:
+        if value is not None and len(value) < 2:
+            raise ValueError("`teachers` lists two or more teachers; use `teacher:` for one")
+        return value
 
 
 class CacheSpec(Section):
@@ -412,8 +535,92 @@ class Experiment(Section):
     cache: CacheSpec | None = Field(default=None, description="`distill cache-teacher`: an offline teacher top-k cache")
     select: SelectSpec | None = Field(default=None, description="`distill select-data`: MiniPLM's Difference Sampling")
 
+    @model_validator(mode="after")
+    def _expand_stages(self) -> "Experiment":
+        # `generations` and `competitive` are written once and run as several plain stages.
+        if any(s.generations is not None or s.competitive is not None for s in self.stages):
+            self.__dict__["stages"] = expand_stages(self.stages)
+        return self
+
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+DEFAULT_TEACHER_UPDATE = {
+    "terms": [
+        {"name": "labels", "loss": "cross_entropy", "weight": 0.5},
+        {"name": "from_student", "loss": "hinton_kd", "weight": 0.5, "params": {"temperature": 4.0}},
+    ]
+}
+
+
+def expand_stages(stages: list[StageSpec]) -> list[StageSpec]:
+    """The stages with `generations` and `competitive` written out as plain stages.
+
+    * ``generations: N`` (born-again networks, Furlanello et al. 2018): N copies of the stage;
+      generation 1 learns from the stage's own ``teacher`` (or from labels when it has none),
+      generation i > 1 from generation i - 1. They are named ``NAME-g1`` ... ``NAME-g{N-1}`` and the
+      last keeps ``NAME``, so later references to the stage mean its final generation.
+    * ``competitive: {rounds: R}`` (CoMD, Li et al. 2023): R student rounds ``NAME-r1`` ...
+      ``NAME`` (each continuing from the previous), and after every round but the last a teacher
+      update ``NAME-r{r}-teacher``: the teacher's model continues from its previous version and
+      trains, with ``teacher_objective`` (cross-entropy + KD from the student by default), on the
+      training rows where that round's student has a lower cross-entropy than the teacher. The
+      next round distils from the updated teacher. The stage's ``teacher`` must be an earlier stage.
+    """
+    out: list[StageSpec] = []
+    for stage in stages:
+        if stage.generations is not None and stage.competitive is not None:
+            raise ValueError(f"stage '{stage.name}': use `generations` or `competitive`, not both")
+        if stage.generations is not None:
+            previous = stage.teacher
+            for generation in range(1, stage.generations + 1):
+                name = stage.name if generation == stage.generations else f"{stage.name}-g{generation}"
+                out.append(stage.model_copy(update={"name": name, "teacher": previous, "generations": None}, deep=True))
+                previous = name
+        elif stage.competitive is not None:
+            spec = stage.competitive
+            teacher_stage = next((s for s in out if s.name == stage.teacher), None)
+            if teacher_stage is None:
+                raise ValueError(
+                    f"stage '{stage.name}': `competitive` updates the teacher, so `teacher` must name an earlier stage "
+                    f"(got {stage.teacher!r})"
+                )
+            teacher, student_init = stage.teacher, stage.init_from
+            for round_index in range(1, spec.rounds + 1):
+                name = stage.name if round_index == spec.rounds else f"{stage.name}-r{round_index}"
+                out.append(
+                    stage.model_copy(
+                        update={"name": name, "teacher": teacher, "init_from": student_init, "competitive": None}, deep=True
+                    )
+                )
+                student_init = name
+                if round_index == spec.rounds:
+                    break
+                update = f"{stage.name}-r{round_index}-teacher"
+                objective = spec.teacher_objective or ObjectiveSpec.model_validate(DEFAULT_TEACHER_UPDATE)
+                optimizer = stage.optimizer
+                if spec.teacher_lr is not None:
+                    keys = {k: getattr(optimizer, k) for k in optimizer.model_fields_set} if optimizer is not None else {}
+                    optimizer = OptimizerSpec(**{**keys, "lr": spec.teacher_lr})
+                out.append(
+                    StageSpec(
+                        name=update,
+                        model=teacher_stage.model,
+                        teacher=name,
+                        init_from=teacher,
+                        objective=objective,
+                        optimizer=optimizer,
+                        scheduler=stage.scheduler,
+                        epochs=spec.teacher_epochs,
+                        mixed_precision=stage.mixed_precision,
+                        train_rows=RowFilterSpec(model=name, better_than=teacher),
+                    )
+                )
+                teacher = update
+        else:
+            out.append(stage)
+    return out

@@ -12,6 +12,9 @@ from typing import Any, Union
 
 from distill.config.schema import Experiment, ModelSpec, StageSpec
 from distill.cache.teacher import CACHE_SOURCES
+
+LM_DATASETS = frozenset({"text", "chat_jsonl", "hf_dataset", "shakespeare", "wordnet_definitions", "preference_jsonl", "domain_text"})
+"""The built-in language-model data sets (the engine checks the task again once the data is built)."""
 from distill.registry import (
     DATASETS,
     LOSSES,
@@ -126,6 +129,7 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                 )
             )
 
+    problems += _check_several(experiment, index, stage, earlier)
     cached = stage.teacher_cache
     if cached is not None:
         if stage.teacher is not None:
@@ -153,7 +157,7 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
             )
         if stage.generate is not None:
             problems.append((path + ("mixture",), "a domain mixture draws training rows; it cannot be combined with `generate`"))
-    has_teacher = stage.teacher is not None
+    has_teacher = stage.teacher is not None or bool(stage.teachers)
     adapters = stage.objective.adapters
     used_adapters: set[str] = set()
     for name, adapter in adapters.items():
@@ -254,6 +258,29 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         f"provides {', '.join(CACHE_SOURCES)} only; use the sparse_kd loss, or a live teacher (`teacher: KEY`)",
                     )
                 )
+            elif source.startswith("teachers.") and not stage.teachers:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' has one teacher or none; "
+                        "list several under `teachers:`",
+                    )
+                )
+            elif source == "cohort.logits" and not stage.cohort:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads cohort.logits, but stage '{stage.name}' trains no cohort; "
+                        "list the networks trained with `model` under `cohort:`",
+                    )
+                )
+            elif source in ("batch.labels_b", "batch.mix_lam") and stage.mix is None:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' mixes no inputs; set `mix: {{method: mixup}}`",
+                    )
+                )
             elif source.startswith("teacher.") and not has_teacher and source not in CACHE_SOURCES:
                 problems.append(
                     (
@@ -343,3 +370,56 @@ def teacher_model_spec(experiment: Experiment, stage: StageSpec) -> ModelSpec | 
         return None
     earlier = {s.name: s for s in experiment.stages[: experiment.stages.index(stage)]}
     return _teacher_model(experiment, stage.teacher, earlier)
+
+
+def _check_several(experiment: Experiment, index: int, stage: StageSpec, earlier: dict[str, StageSpec]) -> list[Problem]:
+    """`teachers`, `cohort`, `train_rows`, `mix` and `hard` of one stage."""
+    path: tuple[Union[str, int], ...] = ("stages", index)
+    problems: list[Problem] = []
+    known = list(earlier) + list(experiment.models)
+    if stage.teachers:
+        if stage.teacher is not None or stage.teacher_cache is not None:
+            problems.append((path + ("teachers",), "give the teachers once: `teacher:` for one, `teachers:` for several, not both"))
+        for position, entry in enumerate(stage.teachers):
+            if entry.model not in earlier and entry.model not in experiment.models:
+                problems.append(
+                    (
+                        path + ("teachers", position, "model"),
+                        f"'{entry.model}' is neither an earlier stage nor a key in `models`{did_you_mean(entry.model, known)}",
+                    )
+                )
+            elif entry.model not in earlier:
+                spec = experiment.models[entry.model]
+                if spec.weights is None and not spec.random_init and spec.params.get("source") is None:
+                    problems.append(
+                        (
+                            path + ("teachers", position, "model"),
+                            f"the teacher '{entry.model}' is a `models` entry with no `weights` and no earlier stage trains it",
+                        )
+                    )
+        names = [entry.model for entry in stage.teachers]
+        if len(set(names)) != len(names):
+            problems.append((path + ("teachers",), f"a teacher is listed twice: {', '.join(names)}"))
+        if experiment.data.dataset in LM_DATASETS:
+            problems.append((path + ("teachers",), "several teachers are supported for classifiers; for language models use one teacher"))
+    for position, key in enumerate(stage.cohort or []):
+        if key not in experiment.models:
+            problems.append(
+                (
+                    path + ("cohort", position),
+                    f"no model '{key}' in `models`{did_you_mean(key, list(experiment.models))}; defined: {', '.join(experiment.models)}",
+                )
+            )
+    if stage.cohort and experiment.data.dataset in LM_DATASETS:
+        problems.append((path + ("cohort",), "online distillation (`cohort`) is supported for classifiers"))
+    if stage.train_rows is not None:
+        for field in ("model", "better_than"):
+            name = getattr(stage.train_rows, field)
+            if name not in earlier and (field == "model" or name not in experiment.models):
+                problems.append((path + ("train_rows", field), f"'{name}' is not an earlier stage{did_you_mean(name, known)}"))
+    for field in ("mix", "hard"):
+        if getattr(stage, field) is not None and experiment.data.dataset in LM_DATASETS:
+            problems.append((path + (field,), f"`{field}` augments images; it does not apply to language-model data"))
+    if stage.hard is not None and stage.teacher is None and not stage.teachers:
+        problems.append((path + ("hard",), "HARD looks for inputs where teacher and student disagree; set `teacher:`"))
+    return problems

@@ -187,13 +187,22 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     state: dict[str, Any],
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> None:
-    """Write a checkpoint folder atomically (see the module docstring for its layout)."""
+    """Write a checkpoint folder atomically (see the module docstring for its layout).
+
+    ``extra_optimizers`` are further optimizers (e.g. a learned augmentation's), stored in
+    ``optimizer.safetensors`` under ``extra/<name>/`` and restored by :func:`load_checkpoint`.
+    """
     weights: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
         for name, tensor in state_dict_for_saving(module).items():
             weights[f"{prefix}.{name}"] = tensor
     optimizer_tensors, optimizer_meta = optimizer_to_flat(optimizer)
+    extra_meta: dict[str, Any] = {}
+    for prefix, extra in (extra_optimizers or {}).items():
+        tensors, extra_meta[prefix] = optimizer_to_flat(extra)
+        optimizer_tensors.update({f"extra/{prefix}/{name}": tensor for name, tensor in tensors.items()})
     rng_tensors, rng_meta = rng_state()
     scheduler_state = None
     if scheduler is not None:
@@ -205,6 +214,7 @@ def save_checkpoint(
         "format": 1,
         "state": state,
         "optimizer": optimizer_meta,
+        **({"extra_optimizers": extra_meta} if extra_meta else {}),
         "scheduler": scheduler_state,
         "rng": rng_meta,
     }
@@ -226,6 +236,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     restore_rng: bool = True,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> dict[str, Any]:
     """Verify and load a checkpoint into ``modules``, ``optimizer`` and ``scheduler``; return its state."""
     folder = Path(folder)
@@ -240,7 +251,15 @@ def load_checkpoint(
                 f"{folder}: weights of '{prefix}' do not match the model (missing: {missing[:5]}, "
                 f"unexpected: {unexpected[:5]}); was the experiment changed since this checkpoint?"
             )
-    optimizer.load_state_dict(optimizer_from_flat(load_file(str(folder / "optimizer.safetensors")), document["optimizer"]))
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    main = {name: tensor for name, tensor in flat.items() if not name.startswith("extra/")}
+    optimizer.load_state_dict(optimizer_from_flat(main, document["optimizer"]))
+    for prefix, extra in (extra_optimizers or {}).items():
+        meta = document.get("extra_optimizers", {}).get(prefix)
+        if meta is None:
+            raise CheckpointError(f"{folder}: no state of the optimizer '{prefix}'; was the experiment changed since this checkpoint?")
+        start = f"extra/{prefix}/"
+        extra.load_state_dict(optimizer_from_flat({n[len(start) :]: t for n, t in flat.items() if n.startswith(start)}, meta))
     if scheduler is not None and document["scheduler"] is not None:
         scheduler.load_state_dict(document["scheduler"])
     if restore_rng:

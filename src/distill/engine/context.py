@@ -133,9 +133,34 @@ class RunContext:
         return model.to(self.device)
 
     def teacher_of(self, stage: StageSpec) -> torch.nn.Module | None:
+        """The stage's frozen teacher, or a :class:`TeacherEnsemble` of its `teachers`, or None."""
+        before = self.experiment.stages.index(stage)
+        if stage.teachers:
+            return self.ensemble_of(stage, before)
         if stage.teacher is None:
             return None
-        return self.frozen(stage.teacher, before=self.experiment.stages.index(stage))
+        return self.frozen(stage.teacher, before=before)
+
+    def ensemble_of(self, stage: StageSpec, before: int) -> torch.nn.Module:
+        """The teachers of a multi-teacher stage, combined as its `combine` section says."""
+        from distill.engine.teachers import TeacherEnsemble
+
+        spec = stage.combine
+        models = []
+        for entry in stage.teachers or []:
+            model = self.frozen(entry.model, before=before)
+            models.append(model.to("cpu") if spec.offload else model)
+        return TeacherEnsemble(
+            models,
+            names=[entry.model for entry in stage.teachers or []],
+            weights=[entry.weight for entry in stage.teachers or []],
+            temperatures=[entry.temperature for entry in stage.teachers or []],
+            method=spec.method,
+            confidence=spec.confidence,
+            confidence_temperature=spec.confidence_temperature,
+            offload=spec.offload,
+            device=self.device,
+        )
 
 
 @torch.inference_mode()

@@ -53,7 +53,13 @@ class ForwardPass:
         input_mask: Any = None,
         lm: bool = False,
         reference: torch.nn.Module | None = None,
+        mix: Any = None,
     ) -> None:
+        from distill.engine.teachers import Cohort, TeacherEnsemble
+
+        self.mix = mix
+        self.cohort = isinstance(student, Cohort)
+        self.ensemble = isinstance(teacher, TeacherEnsemble)
         self.input_mask = input_mask
         self.lm = lm
         self.reference = reference
@@ -64,12 +70,19 @@ class ForwardPass:
         self.autocast = autocast
         features = [parse_feature_source(s) for s in self.required]
         features = [f for f in features if f is not None]
-        self.student_capture = FeatureCapture(student, [f for f in features if f.model == "student"], "student")
+        # a cohort's student features are those of its first network, the stage's `model`
+        captured = student.primary if self.cohort else student  # type: ignore[union-attr]
+        self.student_capture = FeatureCapture(captured, [f for f in features if f.model == "student"], "student")
         teacher_features = [f for f in features if f.model == "teacher"]
         if teacher_features and teacher is None:
             raise ValueError(f"the objective reads {teacher_features[0].name}, but the stage has no teacher")
+        if teacher_features and self.ensemble:
+            raise ValueError(
+                f"the objective reads {teacher_features[0].name}, but the stage has several teachers: "
+                "their features are not combined; read teachers.logits or teacher.logits (the ensemble)"
+            )
         self.teacher_capture = FeatureCapture(teacher, teacher_features, "teacher") if teacher is not None else None
-        self.runs_teacher = teacher is not None and any(s.startswith("teacher.") for s in self.required)
+        self.runs_teacher = teacher is not None and any(s.startswith(("teacher.", "teachers.")) for s in self.required)
         self.runs_reference = any(s.startswith("reference.") for s in self.required)
         if self.runs_reference and reference is None:
             raise ValueError("the objective reads reference.logits, but the stage has no reference model")
@@ -88,19 +101,33 @@ class ForwardPass:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.lm:
             return self._language_model(inputs, labels)
-        student_inputs, extra = inputs, {}
+        extra: dict[str, torch.Tensor] = {}
+        if self.mix is not None and self.student.training:
+            # mixup / CutMix: teacher and student both see the same mixed inputs
+            from distill.augment.mixing import mix_batch
+
+            mixed = mix_batch(inputs, labels, method=self.mix.method, alpha=self.mix.alpha, fraction=self.mix.fraction)
+            inputs, labels = mixed.inputs, mixed.labels_a
+            extra["batch.labels_b"], extra["batch.mix_lam"] = mixed.labels_b, mixed.lam
+        student_inputs = inputs
         if self.input_mask is not None and self.student.training:
             student_inputs, extra["batch.patch_mask"] = mask_patches(inputs, self.input_mask.patch_size, self.input_mask.ratio)
         with self.autocast():
-            sources: dict[str, torch.Tensor] = {
-                "student.logits": self.model(student_inputs), "batch.labels": labels, "batch.inputs": inputs, **extra
-            }
+            sources: dict[str, torch.Tensor] = {"batch.labels": labels, "batch.inputs": inputs, **extra}
+            output = self.model(student_inputs)
+            if self.cohort:
+                sources["cohort.logits"], sources["student.logits"] = output, output[:, 0]
+            else:
+                sources["student.logits"] = output
             sources.update(self.student_capture.values)
             self.student_capture.clear()
             if self.runs_teacher:
                 assert self.teacher is not None and self.teacher_capture is not None
                 with torch.no_grad():
-                    sources["teacher.logits"] = self.teacher(inputs)
+                    if self.ensemble:
+                        sources.update(self.teacher.sources(inputs, labels))  # type: ignore[operator]
+                    else:
+                        sources["teacher.logits"] = self.teacher(inputs)
                 sources.update(self.teacher_capture.values)
                 self.teacher_capture.clear()
         return sources

@@ -106,6 +106,15 @@ def stage_fingerprint(experiment: Experiment, stage: StageSpec, data_fingerprint
             experiment.models[stage.teacher] if stage.teacher else None
         ),
         "init_from": upstream.get(stage.init_from) if stage.init_from else None,
+        **(
+            {"teachers": [upstream.get(t.model) or dump(experiment.models.get(t.model)) for t in stage.teachers]}
+            if stage.teachers else {}
+        ),
+        **({"cohort": [dump(experiment.models[key]) for key in stage.cohort]} if stage.cohort else {}),
+        **(
+            {"train_rows": [upstream.get(stage.train_rows.model), upstream.get(stage.train_rows.better_than)]}
+            if stage.train_rows is not None else {}
+        ),
         "data": dump(experiment.data),
         "data_fingerprint": data_fingerprint,
         "sync_batchnorm": experiment.training.sync_batchnorm,
@@ -136,13 +145,15 @@ def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
             if context.is_main:
                 summary["stage"] = stage.name
                 summary["reused_from"] = str(candidate)
-                weights = (candidate / STAGE_WEIGHTS).read_bytes()
+                # the weights, and any other weights the stage kept (an online stage's cohort)
+                files = {
+                    path.name: path.read_bytes()
+                    for path in candidate.iterdir()
+                    if path.is_file() and path.suffix == ".safetensors"
+                }
                 write_folder_atomically(
                     context.stage_dir(stage.name),
-                    {
-                        STAGE_WEIGHTS: weights,
-                        STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
-                    },
+                    {**files, STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()},
                 )
                 for record in read_jsonl(Path(other) / "metrics.jsonl"):
                     if record.get("stage") == candidate.name and record.get("kind") in ("train", "eval"):
@@ -151,6 +162,22 @@ def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
             context.callbacks.on_message(f"stage '{stage.name}': identical to {candidate}, reused")
             return True
     return False
+
+
+def cohort_members(context: RunContext, stage: StageSpec) -> list[tuple[str, torch.nn.Module]]:
+    """The networks an online stage trained beside its model, loaded from its result folder."""
+    from distill.models.build import load_weights
+
+    if not stage.cohort:
+        return []
+    keys = [stage.model, *stage.cohort]
+    names = [key if keys.count(key) == 1 else f"{key}.{i}" for i, key in enumerate(keys)]
+    out = []
+    for name, key in zip(names[1:], keys[1:]):
+        model = context.build_network(key)
+        load_weights(model, context.stage_dir(stage.name) / f"cohort-{name}.safetensors")
+        out.append((name, model.eval().to(context.device)))
+    return out
 
 
 def reference_of(experiment: Experiment) -> tuple[str, int | None] | None:
@@ -187,7 +214,15 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
         cached = stage.teacher_cache.model if stage.teacher_cache is not None else None
         if cached is not None and all(entry[0] != cached for entry in entries):
             entries.append((cached, None, context.frozen(cached, before=0), None))  # the model a cache was made from
+        for entry in stage.teachers or []:
+            if not context.is_stage_teacher(entry.model, before=index) and all(e[0] != entry.model for e in entries):
+                entries.append((entry.model, None, context.frozen(entry.model, before=index), None))
+        if stage.teachers:
+            # the ensemble the stage distilled (fixed weights at evaluation: there are no labels)
+            entries.append((f"{stage.name}:ensemble", None, context.ensemble_of(stage, index), None))
         entries.append((stage.name, stage.name, context.stage_model(stage.name).to(context.device), context.stage_summary(stage.name)))
+        for key, member in cohort_members(context, stage):
+            entries.append((f"{stage.name}:{key}", None, member, None))
 
     rows: list[dict[str, Any]] = []
     example = test.inputs[:1]
@@ -209,7 +244,7 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
             )
         row: dict[str, Any] = {
             "name": name,
-            "model": experiment.stage(stage_name).model if stage_name else name,
+            "model": experiment.stage(stage_name).model if stage_name else name.split(":")[-1],
             "teacher": experiment.stage(stage_name).teacher if stage_name else None,
             "is_reference": is_reference,
             "test": metrics,

@@ -59,6 +59,7 @@ class StagePlan:
         self.optimizer = merged_section(experiment.optimizer, stage.optimizer)
         self.scheduler = merged_section(experiment.scheduler, stage.scheduler)
         self.batch_size = experiment.data.batch_size
+        self.stage_name = stage.name
         self.num_samples = len(context.data.train)
         self.batches_per_epoch = len(
             global_batches(self.num_samples, self.batch_size, experiment.seed, 0, context.world_size)
@@ -174,6 +175,15 @@ def collect_sources(
 
 def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     """Train ``stage`` (resuming from its checkpoint if there is one) and write its result folder."""
+    original = context.data
+    kept = _restrict_rows(context, stage)
+    try:
+        return _train_stage(context, stage, kept)
+    finally:
+        context.data = original
+
+
+def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any] | None) -> dict[str, Any]:
     experiment = context.experiment
     accelerator = context.accelerator
     plan = StagePlan(context, stage)
@@ -183,11 +193,26 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     student = context.build_network(stage.model)
     if stage.init_from is not None:
         student.load_state_dict(context.stage_model(stage.init_from).state_dict())
+    if stage.cohort:
+        student = _build_cohort(context, stage, student)
     if experiment.training.sync_batchnorm and context.world_size > 1:
         if device.type == "cpu":
             raise ValueError("training.sync_batchnorm needs CUDA devices (SyncBatchNorm does not run on the CPU)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    teacher = context.teacher_of(stage)
+    precomputed = None
+    if stage.teachers and stage.combine.precompute:
+        augment = context.experiment.data.augment
+        if augment.random_crop or augment.hflip or stage.mix is not None or stage.hard is not None:
+            raise ValueError(
+                f"stages.{stage.name}.combine.precompute: the teachers' outputs are computed once, so the training inputs "
+                "must not change between epochs; turn off data.augment, mix and hard, or precompute: false"
+            )
+        from distill.engine.teachers import PrecomputedTeachers
+
+        precomputed = PrecomputedTeachers.compute(context, stage, context.experiment.stages.index(stage))
+        teacher = None
+    else:
+        teacher = context.teacher_of(stage)
     train = context.data.train
     is_lm = context.data.is_lm
     if is_lm:
@@ -196,6 +221,8 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             {"student": student, **({"teacher": teacher} if teacher is not None else {})},
             log=lambda message: context.callbacks.on_message(f"stage '{stage.name}': {message}"),
         )
+    if is_lm and (stage.teachers or stage.cohort or stage.mix or stage.hard):
+        raise ValueError(f"stages.{stage.name}: `teachers`, `cohort`, `mix` and `hard` are supported for classifiers, not language models")
     generate = stage.generate
     if generate is not None and (not is_lm or train.inputs.dim() != 2):
         raise ValueError(f"stages.{stage.name}.generate needs language-model data of single sequences [N, T]")
@@ -211,9 +238,13 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     reference = context.frozen(stage.reference, before=experiment.stages.index(stage)) if stage.reference else None
     if reference is not None and is_lm:
         check_language_models(context.data, {"student": student, "reference": reference})
-    cache = _open_cache(context, stage)
+    cache = _open_cache(context, stage) if precomputed is None else precomputed
     live_sources = required_sources(terms) - set(CACHE_SOURCES)
-    forward = ForwardPass(student.to(device), teacher, live_sources, autocast, stage.input_mask, lm=is_lm, reference=reference)
+    if precomputed is not None:
+        live_sources -= {"teacher.logits", "teachers.logits", "teachers.weights"}
+    forward = ForwardPass(
+        student.to(device), teacher, live_sources, autocast, stage.input_mask, lm=is_lm, reference=reference, mix=stage.mix
+    )
     source_shapes = None
     if adapters or any("input_shapes" in term.injected_arguments() for term in terms):
         # Adapters and some losses are sized from one probing pass (adapter targets included).
@@ -222,6 +253,11 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
             student, teacher, live_sources | targets, autocast, stage.input_mask, lm=is_lm, reference=reference
         )
         source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
+        if precomputed is not None:
+            stacked = precomputed.stacked["train"]
+            source_shapes.update(
+                {"teachers.logits": tuple(stacked.shape[1:]), "teachers.weights": (stacked.shape[1],), "teacher.logits": (stacked.shape[2],)}
+            )
     with torch.random.fork_rng(devices=[]):
         # Terms that own parameters start from weights fixed by (seed, stage).
         torch.manual_seed(derive_seed(experiment.seed, "objective", stage.name))
@@ -230,6 +266,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         ).to(device)
     objective_parameters = list(objective.parameters())
     trainable = list(student.parameters()) + objective_parameters
+    hard = _build_hard(context, stage, student)
     optimizer = build_optimizer(plan.optimizer, trainable)
     scheduler = build_scheduler(plan.scheduler, optimizer, plan.total_steps)
     model = accelerator.prepare_model(student)
@@ -251,10 +288,13 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
     if latest is not None:
         state = load_checkpoint(
             latest,
-            modules={"student": accelerator.unwrap_model(model), "objective": objective},
+            modules={"student": accelerator.unwrap_model(model), "objective": objective, **_hard_modules(hard)},
             optimizer=optimizer,
             scheduler=scheduler,
+            extra_optimizers=_hard_optimizers(hard),
         )
+        if hard is not None:
+            hard.augmentation.updates = int(state.get("hard_updates", 0))
         step, epoch, batch_position = state["step"], state["epoch"], state["batch_position"]
         history, elapsed_before, window = state["history"], state["elapsed_s"], state["window"]
         if scaler is not None and state.get("grad_scaler"):
@@ -280,6 +320,11 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         mixture.mixture.load_state_dict(state["mixture"])
     load_batch = _batch_loader(context, device)
     teacher_predictions: dict[str, torch.Tensor] = {}
+    if precomputed is not None:
+        for split_name in ("val", "test"):
+            predictions = precomputed.predictions(split_name)
+            if predictions is not None:
+                teacher_predictions[split_name] = predictions
     if teacher is not None and not is_lm:
         for split_name, split in (("val", context.data.val), ("test", context.data.test)):
             if split is not None and len(split):
@@ -291,9 +336,10 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
         if context.is_main:
             save_checkpoint(
                 checkpoint_dir / checkpoint_name(step),
-                modules={"student": accelerator.unwrap_model(model), "objective": objective},
+                modules={"student": accelerator.unwrap_model(model), "objective": objective, **_hard_modules(hard)},
                 optimizer=optimizer,
                 scheduler=scheduler,
+                extra_optimizers=_hard_optimizers(hard),
                 state={
                     "step": step,
                     "epoch": epoch_to_save,
@@ -303,6 +349,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     "window": window,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
                     "mixture": mixture.mixture.state_dict() if mixture is not None else None,
+                    "hard_updates": hard.augmentation.updates if hard is not None else None,
                 },
             )
             prune_checkpoints(checkpoint_dir, experiment.checkpoint.keep_last)
@@ -337,6 +384,9 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     counts = [len(indices) for indices in local_groups]
                     step_count = float(sum(len(b) for b in group))
                 step_sums = {term.name: 0.0 for term in terms}
+                if hard is not None:
+                    # HARD: the augmenter learns where teacher and student disagree, then augments the step
+                    micro_batches = hard.step(step, micro_batches, teacher, accelerator.unwrap_model(model), context)
                 for micro_index, (inputs, labels) in enumerate(micro_batches):
                     last = micro_index == len(micro_batches) - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
@@ -403,7 +453,7 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                 completed_epochs = epoch + 1
                 is_eval_epoch = completed_epochs % experiment.evaluation.every_epochs == 0
                 if is_eval_epoch or step >= plan.total_steps or completed_epochs == plan.epochs:
-                    results = _evaluate(context, model, teacher_predictions, plan, teacher)
+                    results = _evaluate(context, _evaluated(model, accelerator), teacher_predictions, plan, teacher)
                     record = {"epoch": completed_epochs, "step": step, **results}
                     history.append(record)
                     context.log.write({"kind": "eval", "stage": stage.name, **record})
@@ -414,9 +464,12 @@ def train_stage(context: RunContext, stage: StageSpec) -> dict[str, Any]:
                     save(epoch, batch_position)
 
     extra = {"mixture": {"domains": mixture.mixture.domains, "history": mixture.mixture.history}} if mixture is not None else {}
-    summary = _finish(
-        context, stage, plan, accelerator.unwrap_model(model), history, elapsed_before + time.perf_counter() - started, extra
-    )
+    if kept_rows is not None:
+        extra["train_rows"] = kept_rows
+    trained = accelerator.unwrap_model(model)
+    if stage.cohort:
+        extra["cohort"] = _cohort_results(context, trained, plan)
+    summary = _finish(context, stage, plan, trained, history, elapsed_before + time.perf_counter() - started, extra)
     context.callbacks.on_stage_end(stage.name, summary)
     return summary
 
@@ -479,6 +532,131 @@ class _StageMixture:
 
 def _build_mixture(context: RunContext, stage: StageSpec, teacher: torch.nn.Module | None, plan: StagePlan) -> _StageMixture | None:
     return _StageMixture(context, stage, teacher, plan) if stage.mixture is not None else None
+
+
+def _build_cohort(context: RunContext, stage: StageSpec, first: torch.nn.Module) -> torch.nn.Module:
+    """Online distillation: the stage's model and its `cohort`, as one :class:`Cohort` module.
+
+    Each network starts from its own seeded initialization; a model key listed more than once
+    gets a distinct one per position (DML's peers must not start identical).
+    """
+    from distill.engine.teachers import Cohort
+
+    keys = [stage.model, *(stage.cohort or [])]
+    members = [first]
+    for position, key in enumerate(keys[1:], start=1):
+        if key in keys[:position]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(context.experiment.seed, "init", key, position))
+                from distill.models.build import build_model
+
+                spec = context.experiment.models[key]
+                members.append(build_model(spec, num_classes=context.data.num_classes, input_shape=context.data.input_shape))
+        else:
+            members.append(context.build_network(key))
+    names = [key if keys.count(key) == 1 else f"{key}.{i}" for i, key in enumerate(keys)]
+    return Cohort(members, names)
+
+
+def _evaluated(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """What evaluation measures: the trained model, or the first network of a cohort."""
+    from distill.engine.teachers import Cohort
+
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped.primary if isinstance(unwrapped, Cohort) else model
+
+
+def _cohort_results(context: RunContext, cohort: Any, plan: StagePlan) -> dict[str, Any]:
+    """Every cohort network's metrics on the test split (the summary's `cohort` entry)."""
+    results: dict[str, Any] = {}
+    for name, member in zip(cohort.names, cohort.members):
+        logits = predict(member, context.data.test, context.experiment.data.eval_batch_size, context, plan.autocast_dtype)
+        metrics = classification_metrics(logits, context.data.test.labels, ece_bins=context.experiment.evaluation.ece_bins)
+        results[name] = {"test": metrics, "params": sum(p.numel() for p in member.parameters())}
+    listing = ", ".join(f"{name} {r['test']['accuracy']:.4f}" for name, r in results.items())
+    context.callbacks.on_message(f"stage '{plan.stage_name}': cohort test accuracy: {listing}")
+    return results
+
+
+def _restrict_rows(context: RunContext, stage: StageSpec) -> Any:
+    """`train_rows`: train on the rows where one model beats another (CoMD's teacher updates).
+
+    Replaces ``context.data`` by a copy whose training split holds those rows (the caller
+    restores it after the stage) and returns what was kept (None without `train_rows`).
+    """
+    spec = stage.train_rows
+    if spec is None:
+        return None
+    import dataclasses
+
+    from distill.engine.teachers import rows_where_better
+
+    before = context.experiment.stages.index(stage)
+    train = context.data.train
+    batch_size = context.experiment.data.eval_batch_size
+    better = context.frozen(spec.model, before=before)
+    worse = context.frozen(spec.better_than, before=before)
+    rows = rows_where_better(better, worse, train.inputs, train.labels, batch_size, context.device)
+    if len(rows) < context.experiment.data.batch_size:
+        # too few rows for one batch: keep the rows with the largest margin instead
+        from distill.engine.teachers import per_sample_cross_entropy
+
+        margin = per_sample_cross_entropy(worse, train.inputs, train.labels, batch_size, context.device) - per_sample_cross_entropy(
+            better, train.inputs, train.labels, batch_size, context.device
+        )
+        rows = margin.argsort(descending=True)[: context.experiment.data.batch_size].sort().values
+    context.data = dataclasses.replace(context.data, train=train.subset(rows))
+    context.callbacks.on_message(
+        f"stage '{stage.name}': training on the {len(rows):,} of {len(train):,} rows where '{spec.model}' beats '{spec.better_than}'"
+    )
+    return {"rows": len(rows), "of": len(train), "model": spec.model, "better_than": spec.better_than}
+
+
+def _build_hard(context: RunContext, stage: StageSpec, student: torch.nn.Module) -> Any:
+    return _StageHard(context, stage) if stage.hard is not None else None
+
+
+class _StageHard:
+    """A stage's HARD augmentation: updated every `every_steps` steps, applied to every micro-batch."""
+
+    def __init__(self, context: RunContext, stage: StageSpec) -> None:
+        from distill.augment.hard import HardAugmentation
+
+        if context.data.is_lm or len(context.data.input_shape) != 3:
+            raise ValueError(f"stages.{stage.name}.hard: HARD's spatial augmentation needs image data [C, H, W]")
+        if stage.teacher is None and not stage.teachers:
+            raise ValueError(f"stages.{stage.name}.hard: HARD looks for inputs where teacher and student disagree; set `teacher:`")
+        spec = stage.hard
+        self.stage, self.world_size = stage.name, context.world_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(context.experiment.seed, "hard", stage.name))
+            self.augmentation = HardAugmentation(
+                in_channels=context.data.input_shape[0], every_steps=spec.every_steps, steps=spec.steps, **spec.params
+            ).to(context.device)
+        self.last: dict[str, float] = {}
+
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        for grad in grads:
+            torch.distributed.all_reduce(grad)
+            grad /= self.world_size
+
+    def step(self, step: int, micro_batches: list, teacher: Any, student: torch.nn.Module, context: RunContext) -> list:
+        if self.augmentation.should_update(step):
+            inputs = torch.cat([inputs for inputs, _ in micro_batches])
+            reduce = self._all_reduce if self.world_size > 1 else None
+            self.last = self.augmentation.update(teacher, student, inputs, average_gradients=reduce)
+            if context.is_main and step % context.experiment.logging.every_steps == 0:
+                context.log.write({"kind": "hard", "stage": self.stage, "step": step, **self.last})
+        return [(self.augmentation.augment(inputs), labels) for inputs, labels in micro_batches]
+
+
+
+def _hard_modules(hard: _StageHard | None) -> dict[str, torch.nn.Module]:
+    return {"hard": hard.augmentation.augmenter} if hard is not None else {}
+
+
+def _hard_optimizers(hard: _StageHard | None) -> dict[str, torch.optim.Optimizer]:
+    return {"hard": hard.augmentation.optimizer} if hard is not None else {}
 
 
 def _open_cache(context: RunContext, stage: StageSpec) -> Any:
@@ -607,14 +785,24 @@ def _finish(
         **(extra or {}),
     }
     if context.is_main:
-        weights = state_dict_for_saving(student)
         from safetensors.torch import save_file
 
+        from distill.engine.teachers import Cohort
+
+        files: dict[str, Any] = {}
+        if isinstance(student, Cohort):
+            # the stage's model is the cohort's first network; the others are kept beside it
+            for name, member in zip(student.names[1:], list(student.members)[1:]):
+                member_weights = state_dict_for_saving(member)
+                files[f"cohort-{name}.safetensors"] = lambda p, w=member_weights: save_file(w, str(p))
+            student = student.primary
+        weights = state_dict_for_saving(student)
         write_folder_atomically(
             context.stage_dir(stage.name),
             {
                 STAGE_WEIGHTS: lambda p: save_file(weights, str(p)),
                 STAGE_SUMMARY: (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
+                **files,
             },
         )
     context.accelerator.wait_for_everyone()
