@@ -9,6 +9,7 @@
     distill cache-teacher EXP.yaml [--set ...] [--teacher KEY] [--out DIR] [--k K] [--value-bits 8|16]
     distill cache verify|info PATH
     distill select-data EXP.yaml [--set ...] [--out DIR] [--fraction F]
+    distill active EXP.yaml [--set ...] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [--reuse FOLDER]
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--out", help="output folder (default: select.out)")
     select.add_argument("--fraction", type=float, help="share of the documents kept (default: select.fraction)")
     select.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    active = commands.add_parser("active", help="active distillation: rounds of select -> distil -> evaluate per strategy and seed")
+    active.add_argument("config", help="experiment YAML file with an `active:` section")
+    add_overrides(active)
+    active.add_argument("--out", metavar="DIR", help="output folder (default: <output_dir>/<name>/active/); a rerun continues it")
+    active.add_argument("--strategies", help="comma-separated strategies (default: active.strategies)")
+    active.add_argument("--seeds", type=_parse_ints, help="comma-separated seeds (default: active.seeds)")
+    active.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
+                        help="copy a finished teacher stage identical to the experiment's from run folders under FOLDER")
+    active.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cache = commands.add_parser("cache", help="inspect or verify a teacher cache or a data-selection score store")
     cache.add_argument("action", choices=["verify", "info"], help="verify: re-hash every shard; info: what it holds")
@@ -422,6 +433,31 @@ def _command_search(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_active(args: argparse.Namespace, console: Console) -> int:
+    from distill.active import active_table, run_active
+    from distill.config import load_experiment
+    from distill.engine.compare import run_folders
+
+    experiment = load_experiment(args.config, args.overrides)
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
+
+    def announce(strategy: str, seed: int, round_index: int, queried: int) -> None:
+        console.rule(f"seed {seed}, {strategy}, round {round_index}: {queried} queried samples")
+
+    result = run_active(
+        experiment,
+        output_dir=args.out,
+        strategies=strategies,
+        seeds=args.seeds,
+        reuse=run_folders(args.reuse),
+        callbacks=_progress(console, args.no_progress),
+        on_cell=announce,
+    )
+    _stdout().print(active_table(result.result), markup=False, highlight=False)
+    _stdout().print(f"table: [bold]{result.folder / 'active.md'}[/bold]")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
@@ -436,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache-teacher": _command_cache_teacher,
         "cache": _command_cache,
         "select-data": _command_select,
+        "active": _command_active,
     }
     from distill.config import ConfigError
 

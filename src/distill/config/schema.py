@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from distill.active import ActiveSpec
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
@@ -534,6 +536,7 @@ class Experiment(Section):
     search: SearchSpec | None = Field(default=None, description="`distill search-student`: training-free student search")
     cache: CacheSpec | None = Field(default=None, description="`distill cache-teacher`: an offline teacher top-k cache")
     select: SelectSpec | None = Field(default=None, description="`distill select-data`: MiniPLM's Difference Sampling")
+    active: ActiveSpec | None = Field(default=None, description="`distill active`: rounds of select -> distil -> evaluate")
 
     @model_validator(mode="after")
     def _expand_stages(self) -> "Experiment":

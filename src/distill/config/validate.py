@@ -330,6 +330,17 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
 
         problems += search_problems(experiment)
 
+    if experiment.active is not None:
+        from distill.active import check_active
+
+        try:
+            check_active(experiment)
+        except ValueError as error:
+            key, _, message = str(error).partition(": ")
+            if key.startswith("active") and " " not in key and message:
+                problems.append((tuple(key.split(".")), message))  # the message names its key
+            else:
+                problems.append((("active",), str(error)))
     if experiment.cache is not None and experiment.cache.teacher not in experiment.models:
         problems.append(
             (
