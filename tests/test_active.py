@@ -383,6 +383,9 @@ def test_the_cli_runs_the_active_section_of_a_yaml_file(digits_active: dict, tmp
         ("pcoreset", 30), ("pcoreset", 50), ("random", 30), ("random", 50)
     ]
     assert (tmp_path / "out" / "active.md").is_file() and (tmp_path / "out" / "active.png").is_file()
+    (tmp_path / "out" / "active.md").unlink()
+    assert main(["report", str(tmp_path / "out")]) == 0  # `distill report` rebuilds it
+    assert "pcoreset" in (tmp_path / "out" / "active.md").read_text()
     raw["active"]["stage"] = "nope"
     path.write_text(yaml.safe_dump(raw))
     assert main(["active", str(path), "--out", str(tmp_path / "bad"), "--no-progress"]) != 0

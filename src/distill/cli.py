@@ -2,7 +2,7 @@
 
     distill run EXP.yaml [--set key.path=value ...] [--resume [RUN_DIR]]
     distill compare EXP.yaml [--seeds 0,1,2] [--variants a,b] [--resume [FOLDER]]
-    distill report RUN_DIR|COMPARE_FOLDER
+    distill report RUN_DIR|COMPARE_FOLDER|ACTIVE_FOLDER
     distill list [models|datasets|losses|optimizers|schedulers]
     distill validate EXP.yaml [--set ...] [--print]
     distill search-student EXP.yaml [--set ...] [--run RUN_DIR] [--reuse FOLDER] [--out DIR]
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
                          help="copy stages identical to finished ones in run folders under FOLDER (e.g. an earlier comparison)")
 
-    report = commands.add_parser("report", help="rebuild report.md (run folder) or compare.md (comparison folder)")
+    report = commands.add_parser("report", help="rebuild report.md (run folder), compare.md (comparison folder) or active.md (active folder)")
     report.add_argument("folder")
 
     listing = commands.add_parser("list", help="list registered components with one-line docs")
@@ -324,8 +324,15 @@ def _command_report(args: argparse.Namespace, console: Console) -> int:
         path = build_compare_report(folder)
     elif (folder / "config.yaml").is_file():
         path = build_report(folder)
+    elif (folder / "active.json").is_file():
+        from distill.active import build_active_report
+
+        path = build_active_report(folder)
     else:
-        console.print(f"[red]error:[/red] {folder} is neither a run folder (config.yaml) nor a comparison folder (compare.json)")
+        console.print(
+            f"[red]error:[/red] {folder} is neither a run folder (config.yaml), a comparison folder (compare.json) "
+            "nor an active-distillation folder (active.json)"
+        )
         return 1
     Console().print(str(path))
     return 0
