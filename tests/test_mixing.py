@@ -14,13 +14,7 @@ from distill.objective import Objective, Term
 from distill.registry import LOSSES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread is fastest
 
 
 def _images(batch: int = 8, channels: int = 2, size: int = 6) -> torch.Tensor:

@@ -852,6 +852,8 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from distill.report.compare_report import plot_mean_band, save_band_figure
+
     series = {s: [r for r in result["summary"].get(s, []) if r["accuracy"]["n"]] for s in result["strategies"]}
     if not any(series.values()):
         return False
@@ -862,16 +864,11 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
         x = [r["queried"] for r in rows]
         means = [100 * r["accuracy"]["mean"] for r in rows]
         stds = [100 * r["accuracy"]["std"] for r in rows]
-        (line,) = axis.plot(x, means, marker="o", markersize=3, label=strategy)
-        axis.fill_between(x, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2, color=line.get_color())
+        plot_mean_band(axis, x, means, stds, strategy)
     axis.set_xlabel("queried samples (teacher queries)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_title(f"{result.get('experiment', '')}: active distillation, mean ± std over seeds {result.get('seeds', '')}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    title = f"{result.get('experiment', '')}: active distillation, mean ± std over seeds {result.get('seeds', '')}"
+    save_band_figure(figure, axis, path, title)
     return True
 
 

@@ -67,6 +67,24 @@ def compare_table(result: dict[str, Any]) -> str:
     return markdown_table(header, body)
 
 
+def plot_mean_band(axis: Any, x: list, means: list[float], stds: list[float], label: str) -> None:
+    """One curve of means with a shaded band of one standard deviation around it."""
+    (line,) = axis.plot(x, means, marker="o", markersize=3, label=label)
+    axis.fill_between(x, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2, color=line.get_color())
+
+
+def save_band_figure(figure: Any, axis: Any, path: Path, title: str) -> None:
+    """Title, grid and legend of a mean-and-band plot, then write it as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _plot(result: dict[str, Any], path: Path) -> bool:
     import matplotlib
 
@@ -84,19 +102,10 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
         epochs = sorted(int(e) for e in row["curve"])
         means = [scale * row["curve"][str(e)]["mean"] for e in epochs]
         stds = [scale * row["curve"][str(e)]["std"] for e in epochs]
-        label = f"{row['variant']}/{row['model']}" if show_variant else row["model"]
-        (line,) = axis.plot(epochs, means, marker="o", markersize=3, label=label)
-        axis.fill_between(
-            epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2, color=line.get_color()
-        )
+        plot_mean_band(axis, epochs, means, stds, f"{row['variant']}/{row['model']}" if show_variant else row["model"])
     axis.set_xlabel("epoch")
     axis.set_ylabel(f"validation {result['metric']}" + (" (%)" if percent else ""))
-    axis.set_title(f"{result.get('experiment', '')}: mean ± std over seeds {result.get('seeds', '')}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_band_figure(figure, axis, path, f"{result.get('experiment', '')}: mean ± std over seeds {result.get('seeds', '')}")
     return True
 
 
