@@ -534,3 +534,32 @@ def test_the_documented_example_runs() -> None:
     exec(compile(code, "multi_teacher_losses.md", "exec"), namespace)  # noqa: S102 - our own documentation
     routed, right = namespace["routed_to_a"], namespace["a_right"]
     assert (routed == right).float().mean() >= 0.8
+
+
+def test_the_mask_anchor_keeps_masked_teachers_from_collapsing_onto_a_flat_student() -> None:
+    """Masks trained against an untrained (flat) student drift to flat teachers unless anchored."""
+    _, teachers, _ = mst_inputs(rows=32)
+    flat_student = torch.zeros(32, 5)
+
+    def entropy_after_training(anchor: float) -> tuple[float, float]:
+        loss = build_mst(mask_anchor=anchor, balance="none")
+        masks = [loss.mask_weight1, loss.mask_bias1, loss.mask_weight2, loss.mask_bias2]
+        optimizer = torch.optim.Adam(masks, lr=0.05)
+        for _ in range(200):
+            optimizer.zero_grad()
+            loss(flat_student, teachers).backward()
+            optimizer.step()
+        with torch.no_grad():
+            masked = loss.masked_teachers(teachers.reshape(-1, 3, 5))
+            p = F.softmax(masked / 4.0, dim=-1)
+            q = F.softmax(teachers / 4.0, dim=-1)
+            entropy = float(-(p * p.log()).sum(-1).mean())
+            drift = float((q * (q.log() - p.log())).sum(-1).mean())
+        return entropy, drift
+
+    flat_entropy = math.log(5)
+    collapsed, collapsed_drift = entropy_after_training(0.0)
+    anchored, anchored_drift = entropy_after_training(1.0)
+    original = float((-(F.softmax(teachers / 4.0, -1) * F.log_softmax(teachers / 4.0, -1)).sum(-1)).mean())
+    assert collapsed > anchored and flat_entropy - collapsed < 0.5 * (flat_entropy - original)
+    assert anchored_drift < 0.5 * collapsed_drift
