@@ -378,3 +378,20 @@ def test_mix_and_hard_stages_run_from_yaml_and_resume(tmp_path: Path) -> None:
         assert torch.equal(value, weights(resumed.run_dir, "distilled")[key]), key
     rows = {row["name"]: row for row in result.rows}
     assert rows["distilled"]["test"]["accuracy"] > 0.2
+
+
+def test_the_python_examples_of_the_regimes_page_run() -> None:
+    """docs/regimes.md: every ```python block runs as written."""
+    import contextlib
+    import io
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "regimes.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    outputs = []
+    for block in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "regimes.md", "exec"), {})  # noqa: S102 - our own documentation
+        outputs.append(out.getvalue().strip())
+    assert outputs == ["torch.Size([4, 2, 3]) tensor([1., 1., 1., 1.])", "True"]
