@@ -44,3 +44,18 @@ def test_chunked_loss_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert rows["ours_kl"]["vs_floor"] > 0 and "floor" in completed.stdout
     # the same quantity: our generalized JSD and TRL's on the same inputs
     assert abs(rows["ours_jsd"]["value"] - rows["trl_jsd"]["value"]) < 1e-5 * abs(rows["trl_jsd"]["value"]) + 1e-7
+
+
+def test_multi_teacher_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multi_teacher.py"), "--rows", "200", "--steps", "2",
+         "--batch-size", "16", "--threads", "1", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads((tmp_path / "multi_teacher.json").read_text())
+    assert set(result["results"]) == {"live", "precompute"}
+    assert result["results"]["precompute"]["teacher_params_in_memory"] == 0
+    assert result["results"]["live"]["teacher_params_in_memory"] > 800_000
+    assert "| precompute |" in completed.stdout
