@@ -288,17 +288,16 @@ def multi_teacher_kd(
     teacher_rows = teacher_rows.to(student_rows.dtype)
     weight_rows = rows[2] if weights is not None else None
     label_rows = rows[-1] if labels is not None else None
-    with torch.no_grad():
-        log_weights = _ensemble_log_weights(
-            teacher_rows,
-            weight_rows,
-            label_rows,
-            method=method,
-            confidence=confidence,
-            confidence_temperature=confidence_temperature,
-            ignore_index=ignore_index,
-        )
-        target = _mixture_log_probs(teacher_rows, log_weights, temperature)
+    target = combine_teachers(
+        teacher_rows,
+        weight_rows,
+        label_rows,
+        method=method,
+        confidence=confidence,
+        confidence_temperature=confidence_temperature,
+        temperature=temperature,
+        ignore_index=ignore_index,
+    )
     student_log_probs = F.log_softmax(student_rows / temperature, dim=-1)
     per_row = kl_rows(target, student_log_probs) * (temperature**2)
     return reduce_rows(per_row, mask, leading_shape, reduction)
