@@ -116,18 +116,15 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
     if precision == "fp16" and experiment.device == "cpu":
         problems.append((path + ("mixed_precision",), "fp16 needs a CUDA device; use bf16 on the CPU"))
 
-    if stage.teacher is not None and stage.teacher not in earlier and stage.teacher in experiment.models:
-        spec = experiment.models[stage.teacher]
-        pretrained = spec.params.get("source") is not None  # hf_classifier / hf_causal_lm checkpoints
-        if spec.weights is None and not spec.random_init and not pretrained:
-            problems.append(
-                (
-                    path + ("teacher",),
-                    f"the teacher '{stage.teacher}' is a `models` entry with no `weights` (nor a pretrained `params.source`) and no "
-                    f"earlier stage trains it; set models.{stage.teacher}.weights, train it in an earlier stage, or set "
-                    f"models.{stage.teacher}.random_init: true to distill from an untrained (random) teacher",
-                )
+    if stage.teacher not in earlier and stage.teacher in experiment.models and _untrained(experiment.models[stage.teacher]):
+        problems.append(
+            (
+                path + ("teacher",),
+                f"the teacher '{stage.teacher}' is a `models` entry with no `weights` (nor a pretrained `params.source`) and no "
+                f"earlier stage trains it; set models.{stage.teacher}.weights, train it in an earlier stage, or set "
+                f"models.{stage.teacher}.random_init: true to distill from an untrained (random) teacher",
             )
+        )
 
     problems += _check_several(experiment, index, stage, earlier)
     cached = stage.teacher_cache
@@ -399,15 +396,13 @@ def _check_several(experiment: Experiment, index: int, stage: StageSpec, earlier
                         f"'{entry.model}' is neither an earlier stage nor a key in `models`{did_you_mean(entry.model, known)}",
                     )
                 )
-            elif entry.model not in earlier:
-                spec = experiment.models[entry.model]
-                if spec.weights is None and not spec.random_init and spec.params.get("source") is None:
-                    problems.append(
-                        (
-                            path + ("teachers", position, "model"),
-                            f"the teacher '{entry.model}' is a `models` entry with no `weights` and no earlier stage trains it",
-                        )
+            elif entry.model not in earlier and _untrained(experiment.models[entry.model]):
+                problems.append(
+                    (
+                        path + ("teachers", position, "model"),
+                        f"the teacher '{entry.model}' is a `models` entry with no `weights` and no earlier stage trains it",
                     )
+                )
         names = [entry.model for entry in stage.teachers]
         if len(set(names)) != len(names):
             problems.append((path + ("teachers",), f"a teacher is listed twice: {', '.join(names)}"))
@@ -434,3 +429,9 @@ def _check_several(experiment: Experiment, index: int, stage: StageSpec, earlier
     if stage.hard is not None and stage.teacher is None and not stage.teachers:
         problems.append((path + ("hard",), "HARD looks for inputs where teacher and student disagree; set `teacher:`"))
     return problems
+
+
+def _untrained(spec: ModelSpec) -> bool:
+    """A `models` entry with no weights to load: no `weights`, no pretrained `params.source`, not `random_init`."""
+    pretrained = spec.params.get("source") is not None  # hf_classifier / hf_causal_lm checkpoints
+    return spec.weights is None and not spec.random_init and not pretrained

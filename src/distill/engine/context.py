@@ -93,15 +93,16 @@ class RunContext:
     def stage_summary(self, name: str) -> dict[str, Any]:
         return json.loads((self.stage_dir(name) / STAGE_SUMMARY).read_text())
 
-    def build_network(self, model_key: str) -> torch.nn.Module:
+    def build_network(self, model_key: str, copy: int = 0) -> torch.nn.Module:
         """A fresh network of ``models[model_key]``; its initialization depends on (seed, key) only.
 
         So two stages training the same model key (a student from scratch and by distillation)
-        start from identical weights, which makes their comparison fair.
+        start from identical weights, which makes their comparison fair. ``copy`` > 0 gives
+        another, equally reproducible initialization (several copies of one key trained together).
         """
         spec = self.experiment.models[model_key]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.experiment.seed, "init", model_key))
+            torch.manual_seed(derive_seed(self.experiment.seed, "init", model_key, *((copy,) if copy else ())))
             return build_model(spec, num_classes=self.data.num_classes, input_shape=self.data.input_shape)
 
     def stage_model(self, stage_name: str) -> torch.nn.Module:
@@ -145,22 +146,11 @@ class RunContext:
         """The teachers of a multi-teacher stage, combined as its `combine` section says."""
         from distill.engine.teachers import TeacherEnsemble
 
-        spec = stage.combine
         models = []
         for entry in stage.teachers or []:
             model = self.frozen(entry.model, before=before)
-            models.append(model.to("cpu") if spec.offload else model)
-        return TeacherEnsemble(
-            models,
-            names=[entry.model for entry in stage.teachers or []],
-            weights=[entry.weight for entry in stage.teachers or []],
-            temperatures=[entry.temperature for entry in stage.teachers or []],
-            method=spec.method,
-            confidence=spec.confidence,
-            confidence_temperature=spec.confidence_temperature,
-            offload=spec.offload,
-            device=self.device,
-        )
+            models.append(model.to("cpu") if stage.combine.offload else model)
+        return TeacherEnsemble.for_stage(stage, models, device=self.device)
 
 
 @torch.inference_mode()

@@ -166,12 +166,13 @@ def _try_reuse(context: RunContext, stage: StageSpec, fingerprint: str) -> bool:
 
 def cohort_members(context: RunContext, stage: StageSpec) -> list[tuple[str, torch.nn.Module]]:
     """The networks an online stage trained beside its model, loaded from its result folder."""
+    from distill.engine.teachers import cohort_names
     from distill.models.build import load_weights
 
     if not stage.cohort:
         return []
     keys = [stage.model, *stage.cohort]
-    names = [key if keys.count(key) == 1 else f"{key}.{i}" for i, key in enumerate(keys)]
+    names = cohort_names(keys)
     out = []
     for name, key in zip(names[1:], keys[1:]):
         model = context.build_network(key)

@@ -41,7 +41,7 @@ from distill.engine.lm import (
     valid_token_count,
 )
 from distill.hooks import FeatureCapture, parse_feature_source
-from distill.engine.metrics import classification_metrics
+from distill.engine.metrics import classification_metrics, count_parameters
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.objective import Objective, required_sources
 
@@ -266,7 +266,7 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
         ).to(device)
     objective_parameters = list(objective.parameters())
     trainable = list(student.parameters()) + objective_parameters
-    hard = _build_hard(context, stage, student)
+    hard = _StageHard(context, stage) if stage.hard is not None else None
     optimizer = build_optimizer(plan.optimizer, trainable)
     scheduler = build_scheduler(plan.scheduler, optimizer, plan.total_steps)
     model = accelerator.prepare_model(student)
@@ -540,21 +540,14 @@ def _build_cohort(context: RunContext, stage: StageSpec, first: torch.nn.Module)
     Each network starts from its own seeded initialization; a model key listed more than once
     gets a distinct one per position (DML's peers must not start identical).
     """
-    from distill.engine.teachers import Cohort
+    from distill.engine.teachers import Cohort, cohort_names
 
     keys = [stage.model, *(stage.cohort or [])]
-    members = [first]
-    for position, key in enumerate(keys[1:], start=1):
-        if key in keys[:position]:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(context.experiment.seed, "init", key, position))
-                from distill.models.build import build_model
-
-                spec = context.experiment.models[key]
-                members.append(build_model(spec, num_classes=context.data.num_classes, input_shape=context.data.input_shape))
-        else:
-            members.append(context.build_network(key))
-    names = [key if keys.count(key) == 1 else f"{key}.{i}" for i, key in enumerate(keys)]
+    # a key seen before gets its own initialization, seeded by its position
+    members = [first] + [
+        context.build_network(key, copy=position if key in keys[:position] else 0) for position, key in enumerate(keys[1:], start=1)
+    ]
+    names = cohort_names(keys)
     return Cohort(members, names)
 
 
@@ -572,7 +565,7 @@ def _cohort_results(context: RunContext, cohort: Any, plan: StagePlan) -> dict[s
     for name, member in zip(cohort.names, cohort.members):
         logits = predict(member, context.data.test, context.experiment.data.eval_batch_size, context, plan.autocast_dtype)
         metrics = classification_metrics(logits, context.data.test.labels, ece_bins=context.experiment.evaluation.ece_bins)
-        results[name] = {"test": metrics, "params": sum(p.numel() for p in member.parameters())}
+        results[name] = {"test": metrics, "params": count_parameters(member)}
     listing = ", ".join(f"{name} {r['test']['accuracy']:.4f}" for name, r in results.items())
     context.callbacks.on_message(f"stage '{plan.stage_name}': cohort test accuracy: {listing}")
     return results
@@ -593,27 +586,18 @@ def _restrict_rows(context: RunContext, stage: StageSpec) -> Any:
 
     before = context.experiment.stages.index(stage)
     train = context.data.train
-    batch_size = context.experiment.data.eval_batch_size
     better = context.frozen(spec.model, before=before)
     worse = context.frozen(spec.better_than, before=before)
-    rows = rows_where_better(better, worse, train.inputs, train.labels, batch_size, context.device)
-    if len(rows) < context.experiment.data.batch_size:
-        # too few rows for one batch: keep the rows with the largest margin instead
-        from distill.engine.teachers import per_sample_cross_entropy
-
-        margin = per_sample_cross_entropy(worse, train.inputs, train.labels, batch_size, context.device) - per_sample_cross_entropy(
-            better, train.inputs, train.labels, batch_size, context.device
-        )
-        rows = margin.argsort(descending=True)[: context.experiment.data.batch_size].sort().values
+    # too few rows for one batch: the batch with the largest margins instead
+    rows = rows_where_better(
+        better, worse, train.inputs, train.labels, context.experiment.data.eval_batch_size, context.device,
+        minimum=context.experiment.data.batch_size,
+    )
     context.data = dataclasses.replace(context.data, train=train.subset(rows))
     context.callbacks.on_message(
         f"stage '{stage.name}': training on the {len(rows):,} of {len(train):,} rows where '{spec.model}' beats '{spec.better_than}'"
     )
     return {"rows": len(rows), "of": len(train), "model": spec.model, "better_than": spec.better_than}
-
-
-def _build_hard(context: RunContext, stage: StageSpec, student: torch.nn.Module) -> Any:
-    return _StageHard(context, stage) if stage.hard is not None else None
 
 
 class _StageHard:
@@ -622,7 +606,7 @@ class _StageHard:
     def __init__(self, context: RunContext, stage: StageSpec) -> None:
         from distill.augment.hard import HardAugmentation
 
-        if context.data.is_lm or len(context.data.input_shape) != 3:
+        if len(context.data.input_shape) != 3:  # (language-model stages were refused before)
             raise ValueError(f"stages.{stage.name}.hard: HARD's spatial augmentation needs image data [C, H, W]")
         if stage.teacher is None and not stage.teachers:
             raise ValueError(f"stages.{stage.name}.hard: HARD looks for inputs where teacher and student disagree; set `teacher:`")

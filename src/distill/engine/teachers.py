@@ -58,6 +58,27 @@ class TeacherEnsemble(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @classmethod
+    def for_stage(
+        cls, stage: Any, models: Sequence[nn.Module], *, device: torch.device | str = "cpu", with_temperatures: bool = True
+    ) -> "TeacherEnsemble":
+        """The ensemble a stage's `teachers` and `combine` describe, over ``models`` (one per teacher).
+
+        ``with_temperatures=False`` for models whose outputs are already divided by them.
+        """
+        entries, spec = stage.teachers, stage.combine
+        return cls(
+            models,
+            names=[entry.model for entry in entries],
+            weights=[entry.weight for entry in entries],
+            temperatures=[entry.temperature if with_temperatures else 1.0 for entry in entries],
+            method=spec.method,
+            confidence=spec.confidence,
+            confidence_temperature=spec.confidence_temperature,
+            offload=spec.offload,
+            device=device,
+        )
+
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         return super().train(False)  # teachers stay in eval mode
 
@@ -145,12 +166,31 @@ def per_sample_cross_entropy(
 
 
 def rows_where_better(
-    better: nn.Module, worse: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device
+    better: nn.Module,
+    worse: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    minimum: int = 1,
 ) -> torch.Tensor:
-    """Indices of the rows where ``better`` has a strictly lower cross-entropy than ``worse`` (CoMD)."""
-    a = per_sample_cross_entropy(better, inputs, labels, batch_size, device)
-    b = per_sample_cross_entropy(worse, inputs, labels, batch_size, device)
-    return torch.nonzero(a < b).flatten()
+    """Indices of the rows where ``better`` has a strictly lower cross-entropy than ``worse`` (CoMD).
+
+    When fewer than ``minimum`` rows qualify, the ``minimum`` rows with the largest margin
+    ``CE(worse) - CE(better)`` instead (sorted by index). Each model passes over the rows once.
+    """
+    margin = per_sample_cross_entropy(worse, inputs, labels, batch_size, device) - per_sample_cross_entropy(
+        better, inputs, labels, batch_size, device
+    )
+    rows = torch.nonzero(margin > 0).flatten()
+    if len(rows) < minimum:
+        rows = margin.argsort(descending=True)[:minimum].sort().values
+    return rows
+
+
+def cohort_names(keys: Sequence[str]) -> list[str]:
+    """Names of a cohort's networks: the `models` key, with ``.<position>`` where a key repeats."""
+    return [key if list(keys).count(key) == 1 else f"{key}.{i}" for i, key in enumerate(keys)]
 
 
 class PrecomputedTeachers:
@@ -180,16 +220,8 @@ class PrecomputedTeachers:
                 per_split[name].append(predict(model, splits[name], batch_size, context).float().cpu() / entry.temperature)
             del model
             context.callbacks.on_message(f"stage '{stage.name}': teacher '{entry.model}' run over the data once (precompute)")
-        spec = stage.combine
-        ensemble = TeacherEnsemble(
-            [nn.Identity() for _ in stage.teachers],
-            names=[entry.model for entry in stage.teachers],
-            weights=[entry.weight for entry in stage.teachers],
-            temperatures=[1.0 for _ in stage.teachers],  # already applied above
-            method=spec.method,
-            confidence=spec.confidence,
-            confidence_temperature=spec.confidence_temperature,
-        )
+        # only its weights and combination rule are used: the temperatures were applied above
+        ensemble = TeacherEnsemble.for_stage(stage, [nn.Identity() for _ in stage.teachers], with_temperatures=False)
         return cls({name: torch.stack(parts, dim=1) for name, parts in per_split.items()}, ensemble)
 
     def sources(self, rows: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
