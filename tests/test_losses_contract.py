@@ -22,7 +22,7 @@ DETERMINISTIC = {"swing_kd": {"noise_scale": 0.0}}
 # tested in their own files: ranking scores (margin_mse), preference pairs [B, 2, T, V] (dckd,
 # adpa: tests/test_losses_preference.py), hidden states with lm_head weights (fused_kd:
 # tests/test_losses_chunked.py, tests/test_lm_engine.py).
-OWN_CONTRACT_TESTS = {"margin_mse", "dckd", "adpa", "fused_kd", "sparse_kd"}
+OWN_CONTRACT_TESTS = {"margin_mse", "dckd", "adpa", "fused_kd", "sparse_kd", "redi", "qcrd", "kdrl", "grpo"}
 NAMES = [entry.name for entry in LOSSES if entry.name not in OWN_CONTRACT_TESTS]
 # Shapes of one sample of the feature sources (student, teacher), by the kind of input a loss
 # declares with ``LOSSES.register(..., inputs=...)``: vectors by default, maps [C, H, W] (channels

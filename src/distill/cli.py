@@ -10,6 +10,7 @@
     distill cache verify|info PATH
     distill select-data EXP.yaml [--set ...] [--out DIR] [--fraction F]
     distill active EXP.yaml [--set ...] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [--reuse FOLDER]
+    distill serve MODEL|RUN_DIR [--stage S] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folder")
 
     listing = commands.add_parser("list", help="list registered components with one-line docs")
-    listing.add_argument("kind", nargs="?", choices=["models", "datasets", "losses", "optimizers", "schedulers"])
+    listing.add_argument("kind", nargs="?", choices=["models", "datasets", "losses", "optimizers", "schedulers", "rewards"])
 
     validate = commands.add_parser("validate", help="check an experiment without running it")
     validate.add_argument("config")
@@ -129,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="inspect or verify a teacher cache or a data-selection score store")
     cache.add_argument("action", choices=["verify", "info"], help="verify: re-hash every shard; info: what it holds")
     cache.add_argument("path", help="the store's folder")
+
+    from distill.serve.cli import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -465,6 +470,12 @@ def _command_active(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_serve(args: argparse.Namespace, console: Console) -> int:
+    from distill.serve.cli import command_serve
+
+    return command_serve(args, console)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
@@ -480,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _command_cache,
         "select-data": _command_select,
         "active": _command_active,
+        "serve": _command_serve,
     }
     from distill.config import ConfigError
 

@@ -86,6 +86,8 @@ DEFAULT_SOURCES: dict[str, str] = {
     "cohort_logits": "cohort.logits",
     "labels_b": "batch.labels_b",
     "mix_lam": "batch.mix_lam",
+    "advantages": "batch.advantages",
+    "rewards": "batch.rewards",
 }
 """Source read by a loss argument of this name when the term's ``inputs`` does not say."""
 
@@ -109,10 +111,13 @@ KNOWN_SOURCES: tuple[str, ...] = (
     "cohort.logits",
     "batch.labels_b",
     "batch.mix_lam",
+    "batch.advantages",
+    "batch.rewards",
 )
 """Sources a stage provides (teacher ones when it has a teacher, ``teachers.*`` when it has several,
 ``cohort.logits`` when it trains a cohort, ``batch.patch_mask`` when it masks inputs: ``input_mask``,
-``batch.labels_b`` / ``batch.mix_lam`` when it mixes inputs: ``mix``); feature sources come on top."""
+``batch.labels_b`` / ``batch.mix_lam`` when it mixes inputs: ``mix``, ``batch.advantages`` /
+``batch.rewards`` when it samples group rollouts: ``rollout``); feature sources come on top."""
 
 INJECTED_ARGUMENTS: tuple[str, ...] = ("num_classes", "input_shapes")
 """Constructor arguments of module losses that the objective supplies itself."""

@@ -188,12 +188,16 @@ LOSSES = Registry("losses", "loss")
 OPTIMIZERS = Registry("optimizers", "optimizer")
 SCHEDULERS = Registry("schedulers", "scheduler")
 
+REWARDS = Registry("rewards", "reward")
+"""Rule-based rewards of group rollouts (``distill.rewards``): ``builder(**params) -> reward(completion, reference)``."""
+
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
     "datasets": DATASETS,
     "losses": LOSSES,
     "optimizers": OPTIMIZERS,
     "schedulers": SCHEDULERS,
+    "rewards": REWARDS,
 }
 
 
@@ -204,3 +208,4 @@ def load_builtins() -> None:
     import distill.losses  # noqa: F401
     import distill.models  # noqa: F401
     import distill.engine.optim  # noqa: F401
+    import distill.rewards  # noqa: F401

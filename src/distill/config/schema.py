@@ -8,6 +8,7 @@ before anything runs. docs/config.md documents every key with a full annotated e
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -161,6 +162,52 @@ class GenerateSpec(Section):
     prompt_tokens: int | None = Field(
         default=None, ge=1, description="for plain text (every token a target): the first this many tokens are the prompt"
     )
+
+
+class RewardSpec(Section):
+    """A rule-based reward from ``distill.rewards`` (``distill list rewards``)."""
+
+    name: str = Field(default="answer_match", description="registered reward: answer_match, format, ...")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward")
+
+
+class RolloutSpec(Section):
+    """Group rollouts of the student (GRPO, Shao et al. 2024; KDRL, Xu et al. 2025).
+
+    Every optimizer step, each prompt of the batch is completed ``group_size`` times by the student;
+    a rule scores each completion against the row's reference completion, and the advantages
+    ``(r - mean) / std`` over each prompt's group become the source ``batch.advantages`` (the
+    rewards: ``batch.rewards``). The step then trains on the sampled completions.
+    """
+
+    group_size: int = Field(default=4, ge=2, description="completions sampled per prompt (GRPO's G)")
+    temperature: float = Field(default=1.0, gt=0.0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling threshold")
+    max_new_tokens: int = Field(default=64, ge=1, description="longest completion sampled")
+    prompt_tokens: int | None = Field(
+        default=None, ge=1, description="for plain text (every token a target): the first this many tokens are the prompt"
+    )
+    reward: RewardSpec = Field(default_factory=RewardSpec, description="how a completion is scored against the reference")
+    scale_advantages: Literal["std", "none"] = Field(
+        default="std", description="std: GRPO's (r - mean) / std; none: r - mean (Dr. GRPO)"
+    )
+
+
+class NegativesSpec(Section):
+    """QCRD's self-adversarial negatives (Wang et al. 2024): rationales sampled from an earlier student.
+
+    Every step, each row's completion (the positive) is paired with one the earlier student writes
+    for the same prompt, so the step trains on pairs ``[B, 2, T]`` (index 0 positive, 1 negative).
+    ``from: epoch_start`` samples from a copy of the student taken at the start of each epoch (the
+    previous iteration); ``from: STAGE`` from that earlier stage's model.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    source: str = Field(default="epoch_start", alias="from", description="epoch_start, or the name of an earlier stage")
+    temperature: float = Field(default=1.5, gt=0.0, description="sampling temperature (hot: low-quality rationales)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling threshold")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="longest negative (default: the longest positive)")
 
 
 class CachedTeacherSpec(Section):
@@ -345,6 +392,17 @@ class StageSpec(Section):
         default=None, description="train only on the rows where one earlier stage's model beats another"
     )
     mix: MixSpec | None = Field(default=None, description="mixup / CutMix, the same mixed inputs for teacher and student")
+    rollout: RolloutSpec | None = Field(
+        default=None, description="language models: train on group samples of the student with rewards (GRPO, KDRL)"
+    )
+    negatives: NegativesSpec | None = Field(
+        default=None, description="language models: pair each row with a negative sampled from an earlier student (QCRD)"
+    )
+    data: DataSpec | None = Field(
+        default=None,
+        description="this stage trains on other data (e.g. preference pairs after SFT); same tokenizer or classes; "
+        "the final table still uses the top-level data's test split",
+    )
     hard: HardSpec | None = Field(default=None, description="HARD's learned augmentation (spatial transforms)")
 
     @field_validator("teachers", mode="before")
@@ -408,6 +466,33 @@ class LinearProbeSpec(Section):
     steps: int = Field(default=100, ge=1, description="L-BFGS iterations (full batch)")
 
 
+class AnswerEvalSpec(Section):
+    """Task accuracy of language models on a rule-checked task: each test row's prompt is completed
+    greedily and the answer read by ``pattern`` must equal the one in the row's reference completion."""
+
+    pattern: str = Field(
+        default=r"Answer:\s*(-?[\d,]*\.?\d+)", description="regex with one group: the answer (its last match counts)"
+    )
+    normalize: Literal["number", "text"] = Field(
+        default="number", description="number: '1,200' == '1200.0'; text: case and surrounding space ignored"
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="longest completion generated per row")
+    limit: int | None = Field(default=None, ge=1, description="score only the first this many rows of a split")
+    batch_size: int = Field(default=32, ge=1, description="rows decoded together")
+    every_epoch: bool = Field(default=False, description="also score the validation split after every epoch (slower)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression: {error}") from error
+        if compiled.groups < 1:
+            raise ValueError("the pattern needs a capturing group around the answer")
+        return pattern
+
+
 class EvaluationSpec(Section):
     every_epochs: int = Field(default=1, ge=1)
     ece_bins: int = Field(default=15, ge=1)
@@ -417,6 +502,9 @@ class EvaluationSpec(Section):
     )
     linear_probe: LinearProbeSpec | None = Field(
         default=None, description="also report the test accuracy of a linear probe on each model's features"
+    )
+    answer: AnswerEvalSpec | None = Field(
+        default=None, description="language models: also report task accuracy (greedy answers checked by a rule)"
     )
 
 
@@ -438,7 +526,7 @@ class CompareSpec(Section):
         default_factory=dict, description="variant name -> {dotted.key: value} overrides; none: the experiment as is"
     )
     stages: list[str] | None = Field(default=None, description="stages to tabulate (default: all)")
-    metric: Literal["accuracy", "nll", "ece", "agreement", "perplexity", "kl_to_teacher"] = "accuracy"
+    metric: Literal["accuracy", "nll", "ece", "agreement", "perplexity", "kl_to_teacher", "answer_accuracy"] = "accuracy"
 
     @field_validator("seeds")
     @classmethod

@@ -20,6 +20,7 @@ from distill.registry import (
     LOSSES,
     MODELS,
     OPTIMIZERS,
+    REWARDS,
     SCHEDULERS,
     Registry,
     RegistryError,
@@ -36,6 +37,7 @@ INJECTED = {
     "optimizers": ("params", "lr", "weight_decay"),
     "schedulers": ("total_steps", "warmup_steps"),
     "datasets": (),
+    "rewards": (),
 }
 
 
@@ -278,6 +280,14 @@ def _check_stage(experiment: Experiment, index: int, stage: StageSpec, earlier: 
                         f"loss '{term.loss}' reads {source}, but stage '{stage.name}' mixes no inputs; set `mix: {{method: mixup}}`",
                     )
                 )
+            elif source in ("batch.advantages", "batch.rewards") and stage.rollout is None:
+                problems.append(
+                    (
+                        term_path + ("inputs", argument),
+                        f"loss '{term.loss}' reads {source}, but stage '{stage.name}' samples no rollouts; "
+                        "set `rollout: {group_size: 4, reward: {name: answer_match}}`",
+                    )
+                )
             elif source.startswith("teacher.") and not has_teacher and source not in CACHE_SOURCES:
                 problems.append(
                     (
@@ -320,6 +330,11 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
         if stage.scheduler is not None:
             scheduler = merged_section(experiment.scheduler, stage.scheduler)
             problems += _check_component(SCHEDULERS, scheduler.name, scheduler.params, ("stages", index, "scheduler"), "name")
+        if stage.rollout is not None:
+            reward = stage.rollout.reward
+            problems += _check_component(REWARDS, reward.name, reward.params, ("stages", index, "rollout", "reward"), "name")
+        if stage.data is not None:
+            problems += _check_component(DATASETS, stage.data.dataset, stage.data.params, ("stages", index, "data"), "dataset")
         earlier.setdefault(stage.name, stage)
 
     if experiment.search is not None:

@@ -57,6 +57,7 @@ class RunContext:
     log: MetricsLog
     reuse_dirs: list[Path] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    stage_data: dict[str, DataBundle] = field(default_factory=dict)  # stages with their own `data`
 
     @property
     def is_main(self) -> bool:

@@ -88,6 +88,15 @@ def valid_token_count(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+def sequence_count(labels: torch.Tensor) -> int:
+    """Sequences with at least one target: rows of ``[B, T]``, pairs (or groups) of ``[B, K, T]``.
+
+    Sequence-level terms (a loss whose ``unit`` is ``"sequence"``, e.g. REDI) are divided by this
+    count over the whole optimizer step instead of the number of tokens."""
+    valid = (labels != IGNORE_INDEX).reshape(labels.shape[0], -1)
+    return int(valid.any(dim=1).sum())
+
+
 def trim_padding(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the trailing columns where no row has a target (right padding shared by the batch).
 
@@ -262,3 +271,66 @@ def generation_draw(seed: int, stage: str, step: int) -> float:
 
     generator = torch.Generator().manual_seed(derive_seed(seed, "generate", stage, step))
     return float(torch.rand((), generator=generator))
+
+
+# -- task accuracy: greedy answers checked by a rule -----------------------------------------------
+
+
+def _split_texts(tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """The target text of each row (its reference completion), decoded without special tokens."""
+    texts = []
+    for row_ids, row_labels in zip(input_ids, labels):
+        targets = row_labels[row_labels != IGNORE_INDEX]
+        texts.append(tokenizer.decode(targets.tolist(), skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: torch.nn.Module,
+    split: ArraySplit,
+    context: Any,
+    spec: Any,
+    *,
+    tokenizer: Any = None,
+) -> dict[str, float]:
+    """Share of rows whose greedy completion states the reference answer (a rule-checked task).
+
+    Each row's prompt (everything before its first target) is completed greedily by ``model``
+    (at most ``spec.max_new_tokens`` tokens, stopping at EOS); the answer is read from the
+    completion and from the row's reference completion with :func:`distill.rewards.extract_answer`
+    (``spec.pattern``, ``spec.normalize``), and the row counts as right when both are found and
+    equal. Returns ``answer_accuracy``, ``answer_format`` (share of completions where the pattern
+    was found) and ``answer_rows``. The first ``spec.limit`` rows of the split are used (all when
+    ``None``), in batches of ``spec.batch_size``.
+    """
+    from types import SimpleNamespace
+
+    from distill.models.causal_lm import load_tokenizer
+    from distill.rewards import extract_answer
+
+    meta = context.data.meta
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(meta["tokenizer"]))
+    rows = len(split) if spec.limit is None else min(len(split), int(spec.limit))
+    indices = local_slice(torch.arange(rows), context.world_size, context.rank)
+    decode = SimpleNamespace(temperature=0.0, top_p=1.0, max_new_tokens=int(spec.max_new_tokens), prompt_tokens=None)
+    sums = torch.zeros(3, dtype=torch.float64)  # right, formatted, rows
+    for chunk in torch.split(indices, max(1, int(spec.batch_size))):
+        input_ids, labels = trim_padding(split.inputs[chunk], split.labels[chunk])
+        references = _split_texts(tokenizer, input_ids, labels)
+        new_ids, new_labels = generate_completions(
+            model, input_ids.to(context.device), labels.to(context.device), decode,
+            pad_token_id=int(meta.get("pad_token_id", 0)), eos_token_id=meta.get("eos_token_id"),
+        )
+        completions = _split_texts(tokenizer, new_ids.cpu(), new_labels.cpu())
+        for completion, reference in zip(completions, references):
+            answer = extract_answer(completion, spec.pattern, normalize=spec.normalize)
+            expected = extract_answer(reference, spec.pattern, normalize=spec.normalize)
+            sums[0] += float(answer is not None and answer == expected)
+            sums[1] += float(answer is not None)
+            sums[2] += 1.0
+    if context.world_size > 1:
+        sums = context.accelerator.reduce(sums.to(context.device), reduction="sum").cpu()
+    total = max(float(sums[2]), 1.0)
+    return {"answer_accuracy": float(sums[0]) / total, "answer_format": float(sums[1]) / total, "answer_rows": int(sums[2])}

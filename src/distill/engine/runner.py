@@ -16,6 +16,8 @@ interrupted one from its newest valid checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import shutil
@@ -40,7 +42,7 @@ from distill.engine.context import (
     environment_summary,
     predict,
 )
-from distill.engine.lm import check_language_models, lm_metrics
+from distill.engine.lm import answer_accuracy, check_language_models, lm_metrics
 from distill.engine.metrics import classification_metrics, count_parameters, cpu_latency_ms
 from distill.engine.probe import linear_probe_accuracy
 from distill.engine.stage import check_feature_paths, train_stage
@@ -235,6 +237,8 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
             if reference_model is not None and not is_reference:
                 check_language_models(context.data, {"model": model, "reference": reference_model})
             metrics = lm_metrics(model, test, context, reference=None if is_reference else reference_model)
+            if experiment.evaluation.answer is not None:
+                metrics.update(answer_accuracy(model, test, context, experiment.evaluation.answer))
         else:
             logits = predict(model, test, experiment.data.eval_batch_size, context)
             metrics = classification_metrics(
@@ -331,16 +335,19 @@ def run_experiment(
 
     for stage in experiment.stages:
         if not context.stage_done(stage.name):
-            check_feature_paths(context, stage)
+            check_feature_paths(context_for_stage(context, stage), stage)
     fingerprints = context.fingerprints
     for stage in experiment.stages:
-        fingerprints[stage.name] = stage_fingerprint(experiment, stage, data.fingerprint, fingerprints)
+        stage_context = context_for_stage(context, stage)
+        fingerprints[stage.name] = stage_fingerprint(
+            stage_context.experiment, stage, stage_context.data.fingerprint, fingerprints
+        )
         if context.stage_done(stage.name):
             callback_list.on_message(f"stage '{stage.name}': already finished in this run folder, skipped")
             continue
-        if _try_reuse(context, stage, fingerprints[stage.name]):
+        if _try_reuse(stage_context, stage, fingerprints[stage.name]):
             continue
-        train_stage(context, stage)
+        train_stage(stage_context, stage)
 
     rows = final_evaluation(context)
     if accelerator.is_main_process:
@@ -363,6 +370,35 @@ def run_experiment(
     accelerator.wait_for_everyone()
     callback_list.on_run_end(str(run_dir), rows)
     return RunResult(run_dir=run_dir, rows=rows)
+
+
+def context_for_stage(context: RunContext, stage: StageSpec) -> RunContext:
+    """The run's context as a stage with its own ``data`` sees it (the same context otherwise).
+
+    The stage's data replaces the top-level ``data`` section for that stage only (batch sizes,
+    splits, per-epoch evaluation); its models must read it the same way: the same tokenizer for
+    language models, the same classes for classifiers.
+    """
+    if stage.data is None:
+        return context
+    from distill.data import load_data
+
+    if stage.name not in context.stage_data:
+        context.stage_data[stage.name] = load_data(stage.data)
+    data = context.stage_data[stage.name]
+    base = context.data
+    where = f"stages.{stage.name}.data"
+    if data.is_lm != base.is_lm:
+        raise ValueError(f"{where}: '{data.name}' and the top-level data '{base.name}' are not the same kind of data")
+    if data.is_lm and data.meta.get("tokenizer_hash") != base.meta.get("tokenizer_hash"):
+        raise ValueError(
+            f"{where}: '{data.name}' is tokenized with '{data.meta.get('tokenizer')}', the top-level data with "
+            f"'{base.meta.get('tokenizer')}'; a stage's data must use the run's tokenizer"
+        )
+    if not data.is_lm and int(data.num_classes) != int(base.num_classes):
+        raise ValueError(f"{where}: '{data.name}' has {data.num_classes} classes, the top-level data {base.num_classes}")
+    experiment = context.experiment.model_copy(update={"data": stage.data})
+    return dataclasses.replace(context, experiment=experiment, data=data)
 
 
 def clean_stale_temporaries(run_dir: Path) -> None:

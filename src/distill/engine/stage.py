@@ -36,14 +36,16 @@ from distill.engine.lm import (
     check_language_models,
     generate_completions,
     generation_draw,
+    answer_accuracy,
     lm_metrics,
     trim_padding,
+    sequence_count,
     valid_token_count,
 )
 from distill.hooks import FeatureCapture, parse_feature_source
 from distill.engine.metrics import classification_metrics, count_parameters
 from distill.engine.optim import build_optimizer, build_scheduler
-from distill.objective import Objective, required_sources
+from distill.objective import Objective, required_sources, tensor_arguments
 
 
 class StagePlan:
@@ -94,6 +96,9 @@ def _evaluate(
             continue
         if data.is_lm:
             results[split_name] = lm_metrics(model, split, context, reference=teacher, autocast_dtype=plan.autocast_dtype)
+            answer = context.experiment.evaluation.answer
+            if answer is not None and answer.every_epoch and split_name == "val":
+                results[split_name].update(answer_accuracy(model, split, context, answer))
             continue
         logits = predict(model, split, context.experiment.data.eval_batch_size, context, plan.autocast_dtype)
         results[split_name] = classification_metrics(
@@ -228,18 +233,33 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
         raise ValueError(f"stages.{stage.name}.generate needs language-model data of single sequences [N, T]")
     if generate is not None and generate.model == "teacher" and teacher is None:
         raise ValueError(f"stages.{stage.name}.generate.model is 'teacher', but the stage has no teacher")
+    rollout = _StageRollout(context, stage) if stage.rollout is not None else None
+    negatives = _StageNegatives(context, stage) if stage.negatives is not None else None
+    for name, spec in (("rollout", stage.rollout), ("negatives", stage.negatives)):
+        if spec is not None and (not is_lm or train.inputs.dim() != 2):
+            raise ValueError(f"stages.{stage.name}.{name} needs language-model data of single sequences [N, T]")
+    if sum(x is not None for x in (generate, stage.rollout, stage.negatives)) > 1:
+        raise ValueError(f"stages.{stage.name}: use one of `generate`, `rollout` and `negatives`")
 
     def autocast() -> Any:
         dtype = plan.autocast_dtype
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     terms = Objective.terms_from_spec(stage.objective)
+    if stage.rollout is not None:
+        # losses that take advantages / rewards (KDRL) read the rollout's without being told
+        for term in terms:
+            _, optional = tensor_arguments(term.fn)
+            for argument in ROLLOUT_SOURCES:
+                if argument in optional and argument not in term.sources:
+                    term.sources[argument] = ROLLOUT_SOURCES[argument]
     adapters = Objective.adapters_from_spec(stage.objective)
+    sequence_terms = {t.name: t.weight for t in terms if getattr(t.fn, "unit", "token") == "sequence"} if is_lm else {}
     reference = context.frozen(stage.reference, before=experiment.stages.index(stage)) if stage.reference else None
     if reference is not None and is_lm:
         check_language_models(context.data, {"student": student, "reference": reference})
     cache = _open_cache(context, stage) if precomputed is None else precomputed
-    live_sources = required_sources(terms) - set(CACHE_SOURCES)
+    live_sources = required_sources(terms) - set(CACHE_SOURCES) - set(ROLLOUT_SOURCES.values())
     if precomputed is not None:
         live_sources -= {"teacher.logits", "teachers.logits", "teachers.weights"}
     forward = ForwardPass(
@@ -252,7 +272,10 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
         probe = ForwardPass(
             student, teacher, live_sources | targets, autocast, stage.input_mask, lm=is_lm, reference=reference
         )
-        source_shapes = probe.probe_shapes(train.inputs[:2].to(device), train.labels[:2].to(device))
+        probe_inputs, probe_labels = train.inputs[:2], train.labels[:2]
+        if stage.negatives is not None:  # the steps train on pairs [B, 2, T]
+            probe_inputs, probe_labels = (t.unsqueeze(1).expand(-1, 2, -1).contiguous() for t in (probe_inputs, probe_labels))
+        source_shapes = probe.probe_shapes(probe_inputs.to(device), probe_labels.to(device))
         if precomputed is not None:
             stacked = precomputed.stacked["train"]
             source_shapes.update(
@@ -376,9 +399,17 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
                     if generate is not None and generation_draw(experiment.seed, stage.name, step) < generate.probability:
                         writer = accelerator.unwrap_model(model) if generate.model == "student" else teacher
                         micro_batches = [_generate(writer, ids, labels, generate, context) for ids, labels in micro_batches]
+                    if rollout is not None:
+                        micro_batches, extra_sources = rollout.sample(accelerator.unwrap_model(model), micro_batches, step)
+                    if negatives is not None:
+                        micro_batches = negatives.pairs(accelerator.unwrap_model(model), micro_batches, epoch)
                     micro_batches = [trim_padding(ids, labels) for ids, labels in micro_batches]
                     counts = [valid_token_count(labels) for _, labels in micro_batches]
                     step_count = _global_sum(context, float(sum(counts)))
+                    if sequence_terms:
+                        # sequence-level terms (REDI, QCRD) are means over the step's sequences
+                        sequence_counts = [sequence_count(labels) for _, labels in micro_batches]
+                        step_sequences = _global_sum(context, float(sum(sequence_counts)))
                 else:
                     # Every micro-batch's loss is weighted by its share of the whole step's samples.
                     counts = [len(indices) for indices in local_groups]
@@ -395,9 +426,22 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
                         sources = forward(inputs, labels)
                         if cache is not None:
                             sources.update(cache.sources(local_groups[micro_index], labels, device))
+                        if rollout is not None:
+                            sources.update({k: v.to(device) for k, v in extra_sources[micro_index].items()})
                         if is_lm:
                             output = objective(sources, mask=sources["batch.mask"], reduction="sum")
                             loss = output.total * (context.world_size / max(step_count, 1.0))
+                            if sequence_terms:
+                                # move those terms from the token normalisation to the sequence one,
+                                # and log them as means per sequence
+                                ratio = max(step_count, 1.0) / max(step_sequences, 1.0)
+                                for name, weight in sequence_terms.items():
+                                    value = output.terms[name]
+                                    loss = loss + weight * value * (context.world_size / max(step_count, 1.0)) * (ratio - 1.0)
+                                    output.terms[name] = value * ratio
+                                output.total = sum(
+                                    (t.weight * output.terms[t.name] for t in terms), torch.zeros((), device=output.total.device)
+                                )
                         else:
                             output = objective(sources)
                             loss = output.total * (count / step_count * context.world_size)
@@ -791,3 +835,106 @@ def _finish(
         )
     context.accelerator.wait_for_everyone()
     return summary
+
+
+ROLLOUT_SOURCES = {"advantages": "batch.advantages", "rewards": "batch.rewards"}
+"""Loss argument -> source that a stage with ``rollout`` provides (passed to losses that take them)."""
+
+
+class _StageRollout:
+    """A stage's group rollouts (GRPO / KDRL): each step's prompts completed ``group_size`` times by
+    the student, scored by the reward rule against the rows' reference completions.
+
+    The sampling of step ``s`` is seeded by (seed, stage, s), so a resumed run draws the same
+    completions. Mean rewards are written to ``metrics.jsonl`` as ``kind: rollout`` records.
+    """
+
+    def __init__(self, context: RunContext, stage: StageSpec) -> None:
+        from distill.models.causal_lm import load_tokenizer
+        from distill.rewards import build_reward
+
+        assert stage.rollout is not None
+        self.spec, self.context, self.stage = stage.rollout, context, stage
+        meta = context.data.meta
+        self.tokenizer = load_tokenizer(str(meta["tokenizer"]))
+        try:
+            self.reward = build_reward({"name": self.spec.reward.name, "params": self.spec.reward.params})
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"stages.{stage.name}.rollout.reward: {error}") from None
+        self.pad_token_id, self.eos_token_id = int(meta.get("pad_token_id", 0)), meta.get("eos_token_id")
+
+    def sample(
+        self, model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+        from distill.engine.rollout import group_rollout
+
+        spec, context = self.spec, self.context
+        devices = [context.device] if context.device.type == "cuda" else []
+        batches, sources, rewards = [], [], []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(context.experiment.seed, "rollout", self.stage.name, step, context.rank))
+            for input_ids, labels in micro_batches:
+                rolled = group_rollout(
+                    model, input_ids, labels, group_size=spec.group_size, temperature=spec.temperature, top_p=spec.top_p,
+                    max_new_tokens=spec.max_new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                    tokenizer=self.tokenizer, reward_fn=self.reward, scale_advantages=spec.scale_advantages,
+                    prompt_tokens=spec.prompt_tokens,
+                )
+                batches.append((rolled.input_ids, rolled.labels))
+                sources.append(rolled.sources())
+                rewards.append(rolled.rewards.detach().cpu())
+        if context.is_main:
+            values = torch.cat(rewards).double()
+            groups = values.view(-1, spec.group_size)
+            context.log.write({
+                "kind": "rollout", "stage": self.stage.name, "step": step + 1,
+                "reward": float(values.mean()), "reward_std": float(values.std()) if values.numel() > 1 else 0.0,
+                "groups_with_signal": float((groups.std(dim=1) > 0).double().mean()),
+                "samples": int(values.numel()),
+            })
+        return batches, sources
+
+
+class _StageNegatives:
+    """QCRD's negatives: each row's completion paired with one an earlier student samples.
+
+    ``from: epoch_start`` keeps a frozen copy of the student taken when each epoch starts (the
+    previous iteration; on resume, the weights it resumed from); ``from: STAGE`` uses that earlier
+    stage's model for the whole stage.
+    """
+
+    def __init__(self, context: RunContext, stage: StageSpec) -> None:
+        assert stage.negatives is not None
+        self.spec, self.context, self.stage = stage.negatives, context, stage
+        meta = context.data.meta
+        self.pad_token_id, self.eos_token_id = int(meta.get("pad_token_id", 0)), meta.get("eos_token_id")
+        self.snapshot: torch.nn.Module | None = None
+        self.epoch: int | None = None
+        if self.spec.source != "epoch_start":
+            index = context.experiment.stages.index(stage)
+            earlier = [s.name for s in context.experiment.stages[:index]]
+            if self.spec.source not in earlier:
+                raise ValueError(
+                    f"stages.{stage.name}.negatives.from: '{self.spec.source}' is not an earlier stage "
+                    f"(earlier: {', '.join(earlier) or 'none'}); use epoch_start or one of them"
+                )
+            self.snapshot = context.frozen(self.spec.source, before=index)
+
+    def pairs(
+        self, model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import copy
+
+        from distill.engine.rollout import sample_negatives
+
+        if self.spec.source == "epoch_start" and self.epoch != epoch:
+            self.snapshot = copy.deepcopy(model).eval().requires_grad_(False)
+            self.epoch = epoch
+        assert self.snapshot is not None
+        return [
+            sample_negatives(
+                self.snapshot, input_ids, labels, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                temperature=self.spec.temperature, top_p=self.spec.top_p, max_new_tokens=self.spec.max_new_tokens,
+            )
+            for input_ids, labels in micro_batches
+        ]

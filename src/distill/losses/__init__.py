@@ -32,6 +32,7 @@ from distill.losses.features import (
 from distill.losses.g2sd import masked_feature_mse
 from distill.losses.kd import cross_entropy, hinton_kd, kl_per_position
 from distill.losses.kd3 import kd3, kd3_weights, kept_fraction
+from distill.losses.kdrl import KDRL, grpo, kdrl
 from distill.losses.lm import feature_cosine, fused_kd
 from distill.losses.logit_matching import logit_cosine, logit_mse
 from distill.losses.multi_teacher import MSTDistill, combine_teachers, multi_teacher_kd
@@ -39,7 +40,9 @@ from distill.losses.mutual import mutual_kd
 from distill.losses.nd import NDLoss
 from distill.losses.ofa import ofa_loss, ofa_target_weights
 from distill.losses.preference import adpa, dckd
+from distill.losses.qcrd import QCRD, qcrd_loss
 from distill.losses.ranking import margin_mse
+from distill.losses.redi import redi
 from distill.losses.self_distill import gt_weighted_kd, optimal_ground_truth_weight
 from distill.losses.sinkhorn import sinkhorn
 from distill.losses.sparse import sparse_kd
@@ -49,8 +52,11 @@ from distill.losses.tgeo import TGeoKD
 from distill.losses.trg import trg
 
 __all__ = [
+    "KDRL",
+    "QCRD",
     "TAID",
     "DualHeadKD",
+    "MSTDistill",
     "NDLoss",
     "TGeoKD",
     "adpa",
@@ -60,21 +66,24 @@ __all__ = [
     "binary_kl_norm",
     "cka_loss",
     "cka_table",
+    "combine_teachers",
     "cross_entropy",
     "dac_kl",
     "dckd",
     "dkd",
     "feature_cosine",
     "feature_mse",
-    "fused_kd",
     "forward_kl",
+    "fused_kd",
     "fused_linear_distill",
     "generalized_jsd",
+    "grpo",
     "gt_weighted_kd",
     "hinton_kd",
     "jensen_shannon",
     "kd3",
     "kd3_weights",
+    "kdrl",
     "kept_fraction",
     "kl_per_position",
     "linear_cka",
@@ -82,16 +91,20 @@ __all__ = [
     "logit_mse",
     "margin_mse",
     "masked_feature_mse",
+    "multi_teacher_kd",
+    "mutual_kd",
     "ofa_loss",
     "ofa_target_weights",
     "optimal_ground_truth_weight",
+    "qcrd_loss",
+    "redi",
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",
     "sinkhorn",
-    "sparse_kd",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_kd",
     "swing_kd",
     "symmetric_kl",
     "taid_loss",
