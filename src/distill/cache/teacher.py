@@ -13,7 +13,9 @@ A stage trains from it with ``teacher: {cache: PATH}``: the engine reads each mi
 loss reads. Before training, the manifest is checked against the run: the tokenizer hash and the
 training split's fingerprint must match, and when the stage also names the teacher model
 (``teacher: {cache: PATH, model: KEY}``) its spec and weight hash must match too; the error names
-the field that differs.
+the field that differs. A cache can also come from a black-box endpoint
+(:func:`distill.cache.endpoint.build_endpoint_cache`); its manifest names the endpoint instead of a
+model, and a stage reading it cannot name ``model`` (no weight hash can be checked over HTTP).
 """
 
 from __future__ import annotations
@@ -175,12 +177,13 @@ def build_teacher_caches(
                 writer.write_shard(index, rows[path])
     elapsed = round(time.perf_counter() - started, 3)
     return {
-        path: writer.finish(stats={**_stats(writer, topk.record_bytes(k, vocab, value_bits)), "last_run_s": elapsed})
+        path: writer.finish(stats={**cache_stats(writer, topk.record_bytes(k, vocab, value_bits)), "last_run_s": elapsed})
         for path, (writer, k, value_bits) in writers.items()
     }
 
 
-def _stats(writer: ShardedWriter, width: int) -> dict[str, Any]:
+def cache_stats(writer: ShardedWriter, width: int) -> dict[str, Any]:
+    """The ``stats`` of a cache's manifest: tokens, record and total bytes, bytes per token."""
     totals = writer.stats
     tokens = totals["records"]
     return {
@@ -259,7 +262,7 @@ class TeacherCache:
         tokens = self.reader.total_records
         return {
             "path": str(self.path),
-            "teacher": meta["teacher"]["key"],
+            "teacher": describe_teacher(meta["teacher"]),
             "dataset": meta.get("dataset"),
             "rows": self.reader.rows,
             "tokens": tokens,
@@ -273,10 +276,25 @@ class TeacherCache:
         }
 
 
+def describe_teacher(teacher: dict[str, Any]) -> str:
+    """A manifest's teacher in words: its `models` key, or the endpoint's model name and URL."""
+    if teacher.get("endpoint") is not None:
+        return f"endpoint '{teacher['endpoint']}' at {teacher.get('base_url')}"
+    return str(teacher.get("key"))
+
+
 def open_for_stage(path: str | Path, data: Any, experiment: Any, model_key: str | None, verify: bool = False) -> TeacherCache:
     """Open a stage's cache and check it against the run's data (and teacher model, when named)."""
     cache = TeacherCache(path, verify=verify)
     identity = weights = None
+    made_by = cache.meta.get("teacher")
+    if model_key is not None and isinstance(made_by, dict) and made_by.get("endpoint") is not None:
+        raise StoreError(
+            f"teacher cache {path} was made from the {describe_teacher(made_by)}, not from a model of `models`: "
+            f"the weights behind an endpoint cannot be hashed, so they cannot be checked against models.{model_key}; "
+            "remove `model` from the stage's `teacher: {cache: ...}` (the tokenizer and the training split are "
+            "still checked)"
+        )
     if model_key is not None:
         from distill.engine.batches import derive_seed
         from distill.models.build import build_model

@@ -504,6 +504,7 @@ class TeacherServer:
         if has_body and not getattr(handler, "body_read", False):
             handler.close_connection = True  # an unread body would be taken for the next request
         data = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        self._stats.request(path, status)  # counted before the reply, so a client never sees it uncounted
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
@@ -516,7 +517,6 @@ class TeacherServer:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             handler.close_connection = True
-        self._stats.request(path, status)
         extra = "".join(f" {key}={value}" for key, value in details.items())
         client = handler.client_address[0] if handler.client_address else "-"
         self._write_log(f'{client} "{method} {path}" {status} {(time.perf_counter() - started) * 1000:.0f}ms{extra}')
