@@ -2,14 +2,15 @@
 
     distill run EXP.yaml [--set key.path=value ...] [--resume [RUN_DIR]]
     distill compare EXP.yaml [--seeds 0,1,2] [--variants a,b] [--resume [FOLDER]]
-    distill report RUN_DIR|COMPARE_FOLDER|ACTIVE_FOLDER
+    distill report RUN_DIR|COMPARE_FOLDER|ACTIVE_FOLDER|PGKD_FOLDER
     distill list [models|datasets|losses|optimizers|schedulers]
     distill validate EXP.yaml [--set ...] [--print]
     distill search-student EXP.yaml [--set ...] [--run RUN_DIR] [--reuse FOLDER] [--out DIR]
-    distill cache-teacher EXP.yaml [--set ...] [--teacher KEY] [--out DIR] [--k K] [--value-bits 8|16]
+    distill cache-teacher EXP.yaml [--set ...] [--teacher KEY | --endpoint URL] [--out DIR] [--k K] [--value-bits 8|16]
     distill cache verify|info PATH
     distill select-data EXP.yaml [--set ...] [--out DIR] [--fraction F]
     distill active EXP.yaml [--set ...] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [--reuse FOLDER]
+    distill pgkd EXP.yaml [--set ...] [--out DIR]
     distill serve MODEL|RUN_DIR [--stage S] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
 """
 
@@ -107,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     cache_teacher.add_argument("--k", type=int, help="most likely tokens kept per position (default: cache.k or 64)")
     cache_teacher.add_argument("--value-bits", type=int, choices=[8, 16], help="bits per log-probability (default 8)")
     cache_teacher.add_argument("--batch-size", type=int, help="sequences per teacher forward pass")
+    cache_teacher.add_argument("--endpoint", metavar="URL",
+                               help="cache a black-box OpenAI-compatible endpoint (e.g. `distill serve`) instead of a local model")
+    cache_teacher.add_argument("--endpoint-model", metavar="NAME", help="model name at the endpoint (default: its first)")
+    cache_teacher.add_argument("--api-key-env", metavar="ENV_NAME", help="environment variable holding the endpoint's key")
+    cache_teacher.add_argument("--response-cache", metavar="DIR", help="also keep the endpoint's answers here (a rerun asks nothing twice)")
+    cache_teacher.add_argument("--concurrency", type=int, help="requests in flight at once (default 8)")
     cache_teacher.add_argument("--shard-rows", type=int, help="training rows per shard")
     cache_teacher.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -131,8 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["verify", "info"], help="verify: re-hash every shard; info: what it holds")
     cache.add_argument("path", help="the store's folder")
 
+    from distill.pgkd import add_pgkd_parser
     from distill.serve.cli import add_serve_parser
 
+    add_pgkd_parser(commands)
     add_serve_parser(commands)
     return parser
 
@@ -154,6 +163,10 @@ def _row_progress(console: Console, no_progress: bool, label: str) -> tuple[Any,
 
 
 def _command_cache_teacher(args: argparse.Namespace, console: Console) -> int:
+    if args.endpoint:
+        from distill.cache.endpoint import command_cache_endpoint
+
+        return command_cache_endpoint(args, console)
     from distill.cache.teacher import build_teacher_cache
     from distill.config import ConfigError, load_experiment
 
@@ -333,10 +346,14 @@ def _command_report(args: argparse.Namespace, console: Console) -> int:
         from distill.active import build_active_report
 
         path = build_active_report(folder)
+    elif (folder / "pgkd.json").is_file():
+        from distill.pgkd import build_pgkd_report
+
+        path = build_pgkd_report(folder)
     else:
         console.print(
-            f"[red]error:[/red] {folder} is neither a run folder (config.yaml), a comparison folder (compare.json) "
-            "nor an active-distillation folder (active.json)"
+            f"[red]error:[/red] {folder} is neither a run folder (config.yaml), a comparison folder (compare.json), "
+            "an active-distillation folder (active.json) nor a PGKD folder (pgkd.json)"
         )
         return 1
     Console().print(str(path))
@@ -470,6 +487,12 @@ def _command_active(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_pgkd(args: argparse.Namespace, console: Console) -> int:
+    from distill.pgkd import command_pgkd
+
+    return command_pgkd(args, console)
+
+
 def _command_serve(args: argparse.Namespace, console: Console) -> int:
     from distill.serve.cli import command_serve
 
@@ -492,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "select-data": _command_select,
         "active": _command_active,
         "serve": _command_serve,
+        "pgkd": _command_pgkd,
     }
     from distill.config import ConfigError
 

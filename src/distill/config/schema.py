@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.active import ActiveSpec
+from distill.pgkd import PGKDSpec
 
 
 class Section(BaseModel):
@@ -424,7 +425,11 @@ class StageSpec(Section):
 class CacheSpec(Section):
     """`distill cache-teacher`: run a language-model teacher over the training split once, store its top-k."""
 
-    teacher: str = Field(description="key in `models` of the teacher to cache (pretrained `source` or `weights`)")
+    teacher: str | None = Field(
+        default=None,
+        description="key in `models` of the teacher to cache (pretrained `source` or `weights`); "
+        "none with `distill cache-teacher --endpoint URL`",
+    )
     path: str = Field(description="output folder (a cache run killed partway continues there)")
     k: int = Field(default=64, ge=1, description="most likely tokens kept per position")
     value_bits: Literal[8, 16] = Field(default=8, description="bits per stored log-probability (8: 300 B/token at k=128)")
@@ -625,6 +630,9 @@ class Experiment(Section):
     cache: CacheSpec | None = Field(default=None, description="`distill cache-teacher`: an offline teacher top-k cache")
     select: SelectSpec | None = Field(default=None, description="`distill select-data`: MiniPLM's Difference Sampling")
     active: ActiveSpec | None = Field(default=None, description="`distill active`: rounds of select -> distil -> evaluate")
+    pgkd: PGKDSpec | None = Field(
+        default=None, description="`distill pgkd`: rounds where an LLM teacher writes examples aimed at the student's errors"
+    )
 
     @model_validator(mode="after")
     def _expand_stages(self) -> "Experiment":

@@ -342,6 +342,11 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
 
         problems += search_problems(experiment)
 
+    if experiment.pgkd is not None:
+        from distill.pgkd import pgkd_problems
+
+        problems += pgkd_problems(experiment, experiment.pgkd)
+
     if experiment.active is not None:
         from distill.active import check_active
 
@@ -353,7 +358,7 @@ def check_experiment(experiment: Experiment) -> list[Problem]:
                 problems.append((tuple(key.split(".")), message))  # the message names its key
             else:
                 problems.append((("active",), str(error)))
-    if experiment.cache is not None and experiment.cache.teacher not in experiment.models:
+    if experiment.cache is not None and experiment.cache.teacher is not None and experiment.cache.teacher not in experiment.models:
         problems.append(
             (
                 ("cache", "teacher"),

@@ -8,7 +8,7 @@ normalized splits as a :class:`DataBundle`.
 from __future__ import annotations
 
 from distill.config.schema import DataSpec
-from distill.data import domains, local, preference, text, vision  # noqa: F401  (registers the built-in data sets)
+from distill.data import domains, local, preference, text, text_classification, vision  # noqa: F401  (registers the built-in data sets)
 from distill.data.base import ArraySplit, DataBundle, RawDataset
 from distill.data.splits import prepare
 from distill.data.transforms import augment_batch
