@@ -10,6 +10,7 @@
     distill cache verify|info PATH
     distill select-data EXP.yaml [--set ...] [--out DIR] [--fraction F]
     distill active EXP.yaml [--set ...] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [--reuse FOLDER]
+    distill generate SPEC.yaml [--set ...] [--overwrite] [--limit N]
     distill pgkd EXP.yaml [--set ...] [--out DIR]
     distill serve MODEL|RUN_DIR [--stage S] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
 """
@@ -140,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from distill.pgkd import add_pgkd_parser
     from distill.serve.cli import add_serve_parser
+    from distill.synth.pipeline import add_generate_parser
 
+    add_generate_parser(commands)
     add_pgkd_parser(commands)
     add_serve_parser(commands)
     return parser
@@ -487,6 +490,12 @@ def _command_active(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _command_generate(args: argparse.Namespace, console: Console) -> int:
+    from distill.synth.pipeline import command_generate
+
+    return command_generate(args, console)
+
+
 def _command_pgkd(args: argparse.Namespace, console: Console) -> int:
     from distill.pgkd import command_pgkd
 
@@ -516,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "active": _command_active,
         "serve": _command_serve,
         "pgkd": _command_pgkd,
+        "generate": _command_generate,
     }
     from distill.config import ConfigError
 

@@ -17,79 +17,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from distill.answers import (
+    DEFAULT_PATTERN,
+    compile_answer_pattern,
+    extract_answer,
+    normalize_answer,
+    normalize_number,
+)
 from distill.registry import REWARDS, RegistryError, parameter_problems
+
+__all__ = [
+    "DEFAULT_ANSWER_PATTERN",
+    "REWARDS",
+    "RewardFn",
+    "answer_match",
+    "answer_reward",
+    "build_reward",
+    "extract_answer",
+    "format_reward",
+    "normalize_answer",
+    "normalize_number",
+]
 
 RewardFn = Callable[[str, str], float]
 """``reward(completion_text, reference_text) -> float``."""
 
-DEFAULT_ANSWER_PATTERN = r"Answer:\s*(-?[\d,]*\.?\d+)"
+DEFAULT_ANSWER_PATTERN = DEFAULT_PATTERN
 """A final line such as ``Answer: 1,234.5``: the number after ``Answer:`` (commas allowed)."""
-
-NORMALIZATIONS: tuple[str, ...] = ("number", "text", "none")
-
-
-
-def _compile(pattern: str | re.Pattern[str], flags: int = 0) -> re.Pattern[str]:
-    if isinstance(pattern, re.Pattern):
-        return pattern
-    try:
-        return re.compile(pattern, flags)
-    except re.error as error:
-        raise ValueError(f"reward pattern {pattern!r} is not a valid regular expression: {error}") from None
-
-
-def normalize_number(text: str) -> str | None:
-    """A number's canonical text: commas removed, trailing zeros dropped (``"1,200.50"`` -> ``"1200.5"``,
-    ``"12.0"`` -> ``"12"``, ``"-0"`` -> ``"0"``); None when ``text`` is not a number."""
-    cleaned = text.strip().replace(",", "")
-    if not cleaned:
-        return None
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == 0:
-        return "0"
-    canonical = format(value.normalize(), "f")
-    if "." in canonical:
-        canonical = canonical.rstrip("0").rstrip(".")
-    return canonical
-
-
-def normalize_answer(text: str, normalize: str = "number") -> str | None:
-    """``text`` as compared: ``"number"`` (:func:`normalize_number`, None if not a number),
-    ``"text"`` (case-folded, whitespace collapsed), ``"none"`` (stripped)."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got '{normalize}'")
-    if normalize == "number":
-        return normalize_number(text)
-    if normalize == "text":
-        return " ".join(text.split()).casefold()
-    return text.strip()
-
-
-def extract_answer(
-    text: str, pattern: str | re.Pattern[str] = DEFAULT_ANSWER_PATTERN, normalize: str = "number"
-) -> str | None:
-    """The answer ``text`` states: the **last** match of ``pattern``, normalised; None if none.
-
-    The answer is the pattern's first capture group (the whole match when it has none). With
-    ``normalize="number"`` a match that is not a number counts as no answer.
-    """
-    compiled = _compile(pattern)
-    matches = list(compiled.finditer(text))
-    if not matches:
-        return None
-    last = matches[-1]
-    answer = last.group(1) if compiled.groups else last.group(0)
-    if answer is None:
-        return None
-    return normalize_answer(answer, normalize)
 
 
 def answer_reward(
@@ -133,8 +89,8 @@ def answer_match(
     unformatted: float = 0.0,
 ) -> RewardFn:
     """Reward function of :func:`answer_reward` with these settings (checked once, here)."""
-    compiled = _compile(pattern)
-    normalize_answer("0", normalize)
+    compiled = compile_answer_pattern(pattern)
+    normalize_answer("0", normalize)  # an unknown normalisation fails here, when the reward is built
 
     def reward(completion: str, reference: str) -> float:
         return answer_reward(
@@ -154,7 +110,10 @@ def answer_match(
 def format_reward(*, pattern: str = DEFAULT_ANSWER_PATTERN, present: float = 1.0, absent: float = 0.0) -> RewardFn:
     """``present`` if ``pattern`` occurs in the completion (``re.search``, DOTALL), else ``absent``;
     the reference is not read. DeepSeek-R1's format reward checks the reasoning/answer tags this way."""
-    compiled = _compile(pattern, re.DOTALL)
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as error:
+        raise ValueError(f"reward pattern {pattern!r} is not a valid regular expression: {error}") from None
 
     def reward(completion: str, reference: str) -> float:
         return float(present if compiled.search(completion) else absent)
