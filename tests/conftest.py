@@ -83,3 +83,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HTTP proxy from the environment: the tests reach servers on localhost through urllib."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def served_lm(tiny_lm, single_thread):
+    """The tiny teacher as ``distill serve`` loads it: ``(model, tokenizer, name)``, once per test module."""
+    from distill.serve.loading import load_served_model
+
+    return load_served_model(str(tiny_lm["teacher"]))
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A word-level tokenizer trained on WordNet definitions (needs WordNet), once per test module."""
+    from tests.wordnet_fixtures import build_word_tokenizer
+
+    return str(build_word_tokenizer(tmp_path_factory.mktemp("words")))

@@ -8,6 +8,7 @@ model paths run in the default test suite without the 135M teacher.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TEXT = """From fairest creatures we desire increase,
@@ -91,6 +92,19 @@ def build_lm_folder(folder: Path, tokenizer_folder: Path, layers: int = 2, hidde
 
 
 WORDS = ["dog", "cat", "rose", "flame", "fuel", "heir", "eyes", "time", "beauty", "memory", "famine", "self"]
+
+
+def write_preference_pairs(path: Path, count: int) -> Path:
+    """``count`` preference pairs as ``preference_jsonl`` lines: ``Define <word>.``, chosen ``the <word>
+    is a <word>``, rejected ``the <another word> burns with fuel``; the folder is created."""
+    lines = []
+    for i in range(count):
+        word = WORDS[i % len(WORDS)]
+        lines.append(json.dumps({"prompt": f"Define {word}.", "chosen": f"the {word} is a {word}",
+                                 "rejected": f"the {WORDS[(i + 5) % len(WORDS)]} burns with fuel"}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def tiny_chat_dataset(*, tokenizer: str, samples: int = 48, length: int = 40, plain: bool = False):

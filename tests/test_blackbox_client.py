@@ -28,6 +28,8 @@ from distill.blackbox import (
 )
 from tests.fake_openai import FakeOpenAI
 
+pytestmark = pytest.mark.usefixtures("no_proxy")
+
 KEY = "sk-test-SECRET-5f3a9c0d1e2b"
 
 
@@ -35,12 +37,6 @@ KEY = "sk-test-SECRET-5f3a9c0d1e2b"
 def server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as fake:
         yield fake
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
 
 
 class Sleeps(list):

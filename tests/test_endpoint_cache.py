@@ -31,7 +31,6 @@ from distill.cache.teacher import TeacherCache, build_teacher_caches, open_for_s
 from distill.config import load_experiment
 from distill.data import load_data
 from distill.engine.runner import run_experiment
-from distill.serve.loading import load_served_model
 from distill.serve.server import TeacherServer
 from tests.conftest import write_yaml
 from tests.lm_fixtures import build_tokenizer, tiny_lm_experiment
@@ -41,21 +40,14 @@ K = 20
 
 
 @pytest.fixture(autouse=True)
-def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _environment(monkeypatch: pytest.MonkeyPatch, no_proxy: None) -> None:
     monkeypatch.setenv("TEACHER_KEY", KEY)
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_lm, single_thread):
-    return load_served_model(str(tiny_lm["teacher"]))
-
-
-@pytest.fixture(scope="module")
-def served(lm) -> Iterator[TeacherServer]:
+def served(served_lm) -> Iterator[TeacherServer]:
     """The teacher behind a key, answering up to the whole vocabulary's logprobs per position."""
-    model, tokenizer, name = lm
+    model, tokenizer, name = served_lm
     with TeacherServer(model, tokenizer, name=name, api_key=KEY, max_batch_size=8, batch_wait_ms=5, max_logprobs=300) as server:
         yield server
 
@@ -190,9 +182,9 @@ class Interrupt(Exception):
     """Stands for the process being killed."""
 
 
-def test_an_interrupted_cache_run_resumes_without_asking_twice(lm, setting, tmp_path: Path) -> None:
+def test_an_interrupted_cache_run_resumes_without_asking_twice(served_lm, setting, tmp_path: Path) -> None:
     experiment, data = setting
-    model, tokenizer, name = lm
+    model, tokenizer, name = served_lm
     shard_rows, stop_at = 8, 20  # stopped partway through the third shard
     # batches of one: each answer depends on its prompt alone, so runs can be compared byte for byte
     with TeacherServer(model, tokenizer, name=name, api_key=KEY, max_batch_size=1, batch_wait_ms=0) as server:
@@ -238,9 +230,9 @@ def test_an_interrupted_cache_run_resumes_without_asking_twice(lm, setting, tmp_
 # -- refusals ----------------------------------------------------------------------------------------
 
 
-def test_an_endpoint_with_another_tokenizer_is_refused_before_anything_is_written(lm, setting, tmp_path: Path) -> None:
+def test_an_endpoint_with_another_tokenizer_is_refused_before_anything_is_written(served_lm, setting, tmp_path: Path) -> None:
     experiment, data = setting
-    model, _, name = lm
+    model, _, name = served_lm
     other = build_tokenizer(tmp_path / "other-tokenizer", vocab_size=280)
     refused = pytest.raises(EndpointCacheError, match=r"does not use the data's tokenizer .*first different at token")
     with TeacherServer(model, other, name=name, api_key=KEY) as server, refused as caught:
@@ -249,9 +241,9 @@ def test_an_endpoint_with_another_tokenizer_is_refused_before_anything_is_writte
     assert not (tmp_path / "cache").exists()
 
 
-def test_an_endpoint_that_cannot_return_k_logprobs_is_refused(lm, setting, tmp_path: Path) -> None:
+def test_an_endpoint_that_cannot_return_k_logprobs_is_refused(served_lm, setting, tmp_path: Path) -> None:
     experiment, data = setting
-    model, tokenizer, name = lm
+    model, tokenizer, name = served_lm
     with TeacherServer(model, tokenizer, name=name, api_key=KEY) as server:  # the usual limit: 20
         with pytest.raises(TeacherAPIError, match=r"refuses logprobs=32: lower k or raise its limit.*--max-logprobs 32") as caught:
             build_endpoint_cache(experiment, tmp_path / "cache", endpoint=spec(server), k=32, data=data)

@@ -12,21 +12,11 @@ from distill.config import load_experiment
 from distill.data.base import IGNORE_INDEX
 from distill.data.preference import preference_jsonl
 from distill.engine.runner import run_experiment
-from tests.lm_fixtures import WORDS, build_lm_folder, tiny_lm_experiment
-
-
-def _pairs_file(path: Path, count: int = 24) -> Path:
-    lines = []
-    for i in range(count):
-        word = WORDS[i % len(WORDS)]
-        lines.append(json.dumps({"prompt": f"Define {word}.", "chosen": f"the {word} is a {word}",
-                                 "rejected": f"the {WORDS[(i + 5) % len(WORDS)]} burns with fuel"}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.lm_fixtures import build_lm_folder, tiny_lm_experiment, write_preference_pairs
 
 
 def test_pairs_are_stacked_with_reply_targets(tiny_lm, tmp_path: Path) -> None:
-    raw = preference_jsonl(files=str(_pairs_file(tmp_path / "p.jsonl", 4)), tokenizer=str(tiny_lm["tokenizer"]))
+    raw = preference_jsonl(files=str(write_preference_pairs(tmp_path / "p.jsonl", 4)), tokenizer=str(tiny_lm["tokenizer"]))
     assert raw.train.inputs.shape[:2] == (4, 2) and raw.train.labels.shape == raw.train.inputs.shape
     from transformers import AutoTokenizer
 
@@ -58,7 +48,7 @@ def test_dckd_and_adpa_train_from_yaml_with_a_reference_model(tiny_lm, tmp_path:
         training={"epochs": 1},
     )
     experiment["data"] = {"dataset": "preference_jsonl", "batch_size": 4, "eval_batch_size": 8, "val_fraction": 0.2,
-                          "params": {"files": str(_pairs_file(tmp_path / "pairs.jsonl")), "tokenizer": str(tiny_lm["tokenizer"])}}
+                          "params": {"files": str(write_preference_pairs(tmp_path / "pairs.jsonl", 24)), "tokenizer": str(tiny_lm["tokenizer"])}}
     experiment["models"]["sft"] = {"arch": "hf_causal_lm", "params": {"source": str(reference)}}
     experiment["stages"][0]["reference"] = "sft"
     result = run_experiment(load_experiment(experiment))

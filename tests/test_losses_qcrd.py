@@ -13,6 +13,7 @@ from distill.losses import QCRD, qcrd_loss
 from distill.losses.redi import count_pairs
 from distill.objective import Objective, Term
 from distill.registry import LOSSES
+from tests.loss_references import Side, pair_reference
 
 B, T, V, H = 4, 6, 5, 8
 
@@ -34,30 +35,11 @@ def _pairs(seed: int = 0, dtype: torch.dtype = torch.float64, scale: float = 2.0
     }
 
 
-def _nll(data: dict, b: int, side: int) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for t in range(T):
-        label = int(data["labels"][b, side, t])
-        if label == -100 or not bool(data["mask"][b, side, t]):
-            continue
-        row = data["student"][b, side, t].double().tolist()
-        top = max(row)
-        total -= row[label] - top - math.log(sum(math.exp(x - top) for x in row))
-        count += 1
-    return (total / count if count else 0.0), count
-
-
 def _reference(data: dict, *, contrast: str, margin: float, negative_weight: float, weight_positives: bool,
                quality: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    per_pair = torch.zeros(B, dtype=torch.float64)
-    counted = 0
-    for b in range(B):
-        nll_pos, n_pos = _nll(data, b, 0)
-        nll_neg, n_neg = _nll(data, b, 1)
-        if n_pos == 0 and n_neg == 0:
-            continue
-        counted += 1
-        if n_neg == 0:
+    def pair_loss(b: int, positive: Side, negative: Side) -> float:
+        nll_pos, nll_neg = -positive[0], -negative[0]
+        if negative[1] == 0:
             c = 0.0
         elif contrast == "margin":
             c = max(margin - nll_neg, 0.0)
@@ -65,10 +47,9 @@ def _reference(data: dict, *, contrast: str, margin: float, negative_weight: flo
             c = math.log1p(math.exp(margin - (nll_neg - nll_pos)))
         w_pos = float(quality[b, 0]) if (quality is not None and weight_positives) else 1.0
         w_neg = 1.0 - float(quality[b, 1]) if quality is not None else 1.0
-        per_pair[b] = w_pos * nll_pos + negative_weight * w_neg * c
-    if reduction == "none":
-        return per_pair
-    return per_pair.sum() if reduction == "sum" else per_pair.sum() / counted
+        return w_pos * nll_pos + negative_weight * w_neg * c
+
+    return pair_reference(data, pair_loss, reduction)
 
 
 def _module(**params) -> QCRD:

@@ -12,6 +12,7 @@ from distill.losses import redi
 from distill.losses.redi import count_pairs, sequence_log_likelihoods
 from distill.objective import Objective, Term
 from distill.registry import LOSSES
+from tests.loss_references import Side, pair_reference
 
 B, T, V = 4, 6, 5
 
@@ -30,39 +31,14 @@ def _pairs(seed: int = 0, dtype: torch.dtype = torch.float64, scale: float = 2.0
     return {"student": (torch.randn(B, 2, T, V, generator=g) * scale).to(dtype), "labels": labels, "mask": mask}
 
 
-def _log_softmax(row: list[float]) -> list[float]:
-    top = max(row)
-    log_z = top + math.log(sum(math.exp(x - top) for x in row))
-    return [x - log_z for x in row]
-
-
-def _normalised_log_likelihood(data: dict, b: int, side: int) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for t in range(T):
-        label = int(data["labels"][b, side, t])
-        if label == -100 or not bool(data["mask"][b, side, t]):
-            continue
-        total += _log_softmax(data["student"][b, side, t].double().tolist())[label]
-        count += 1
-    return (total / count if count else 0.0), count
-
-
 def _reference(data: dict, *, alpha: float, positive_weight: float, negative_gamma: float | None, reduction: str):
-    per_pair = torch.zeros(B, dtype=torch.float64)
-    counted = 0
-    for b in range(B):
-        positive, n_pos = _normalised_log_likelihood(data, b, 0)
-        negative, n_neg = _normalised_log_likelihood(data, b, 1)
-        if n_pos == 0 and n_neg == 0:
-            continue
-        negative_term = alpha * negative
+    def pair_loss(b: int, positive: Side, negative: Side) -> float:
+        negative_term = alpha * negative[0]
         if negative_gamma is not None:
-            negative_term *= math.exp(negative_gamma * negative)
-        per_pair[b] = -positive_weight * positive + negative_term
-        counted += 1
-    if reduction == "none":
-        return per_pair
-    return per_pair.sum() if reduction == "sum" else per_pair.sum() / counted
+            negative_term *= math.exp(negative_gamma * negative[0])
+        return -positive_weight * positive[0] + negative_term
+
+    return pair_reference(data, pair_loss, reduction)
 
 
 # --- values ---------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from distill.config import ConfigError, load_experiment
 from distill.data import load_data
-from distill.data.text import WORDNET_ROOT
 from distill.data.text_classification import wordnet_lexnames
 from distill.io import read_jsonl
 from distill.models.build import build_model, load_weights
@@ -39,20 +38,12 @@ from distill.pgkd import (
     weakest_classes,
 )
 from tests.conftest import ROOT
-from tests.test_text_classification import build_word_tokenizer
+from tests.wordnet_fixtures import EASY as CLASSES
+from tests.wordnet_fixtures import needs_wordnet
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.skipif(not Path(WORDNET_ROOT, "data.noun").is_file(), reason="WordNet (wordnet-base) is not installed"),
-]
+pytestmark = [pytest.mark.usefixtures("single_thread"), needs_wordnet]
 
-CLASSES = ["noun.animal", "noun.plant", "noun.food", "noun.person"]
 PARAMS = {"categories": CLASSES, "per_class_train": 6, "val_per_class": 15, "test_per_class": 20, "max_length": 32}
-
-
-@pytest.fixture(scope="module")
-def words(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_word_tokenizer(tmp_path_factory.mktemp("words")))
 
 
 @pytest.fixture(scope="module")

@@ -56,14 +56,8 @@ def ids_of(choice: dict) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_lm, single_thread):
-    model, tokenizer, name = load_served_model(str(tiny_lm["teacher"]))
-    return model, tokenizer, name
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    model, tokenizer, name = lm
+def server(served_lm):
+    model, tokenizer, name = served_lm
     lines: list[str] = []
     with TeacherServer(model, tokenizer, name=name, log=lines.append, max_batch_size=8, batch_wait_ms=5) as running:
         running.lines = lines  # type: ignore[attr-defined]
@@ -80,12 +74,12 @@ def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def gpt2(lm):
+def gpt2(served_lm):
     """A random 1-layer GPT-2 with the tiny tokenizer: learned absolute positions, unlike Llama's
     rotary ones (which hide a wrong position offset), so it checks the position ids of padded rows."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _, tokenizer, _ = lm
+    _, tokenizer, _ = served_lm
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
@@ -93,8 +87,8 @@ def gpt2(lm):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_batched_greedy_equals_alone_and_hf_generate(lm, gpt2, architecture):
-    llama, tokenizer, _ = lm
+def test_batched_greedy_equals_alone_and_hf_generate(served_lm, gpt2, architecture):
+    llama, tokenizer, _ = served_lm
     model = llama if architecture == "llama" else gpt2
     prompts = [tokenizer(text).input_ids for text in PROMPTS]
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding matters
@@ -113,10 +107,10 @@ def test_batched_greedy_equals_alone_and_hf_generate(lm, gpt2, architecture):
 
 
 @pytest.mark.parametrize("shrink", [True, False])
-def test_rows_finish_independently(lm, gpt2, shrink, monkeypatch):
+def test_rows_finish_independently(served_lm, gpt2, shrink, monkeypatch):
     """Rows with different budgets and stop strings in one batch give what each gives alone, whether
     finished rows are dropped from the cache or carried along (caches without batch_select_indices)."""
-    _, tokenizer, _ = lm
+    _, tokenizer, _ = served_lm
     if not shrink:
         monkeypatch.setattr("distill.serve.engine._can_shrink", lambda cache: False)
     prompts = [tokenizer(text).input_ids for text in PROMPTS]
@@ -172,8 +166,8 @@ def test_models_health_and_stats(server):
     assert {"requests", "sequences", "generated_tokens", "batches", "mean_batch_size"} <= set(stats)
 
 
-def test_completion_shape_and_usage(server, lm):
-    _, tokenizer, _ = lm
+def test_completion_shape_and_usage(server, served_lm):
+    _, tokenizer, _ = served_lm
     response = ok(server.url, "/completions", {"model": "teacher", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
     assert response["object"] == "text_completion" and response["model"] == "teacher"
     assert response["id"].startswith("cmpl-")
@@ -186,8 +180,8 @@ def test_completion_shape_and_usage(server, lm):
     assert usage["completion_tokens"] == 4 or choice["finish_reason"] == "stop"
 
 
-def test_chat_shape(server, lm):
-    _, tokenizer, _ = lm
+def test_chat_shape(server, served_lm):
+    _, tokenizer, _ = served_lm
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define dog."}]
     response = ok(server.url, "/chat/completions", {"model": "teacher", "messages": messages, "max_completion_tokens": 3,
                                                   "temperature": 0})
@@ -235,8 +229,8 @@ def test_tiny_top_p_is_greedy_and_high_temperature_spreads(server):
     assert len({c["text"] for c in hot}) == 4
 
 
-def test_completion_logprobs_match_a_forward_pass(server, lm):
-    model, tokenizer, _ = lm
+def test_completion_logprobs_match_a_forward_pass(server, served_lm):
+    model, tokenizer, _ = served_lm
     prompt = tokenizer(PROMPTS[1]).input_ids
     response = ok(server.url, "/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0.9, "seed": 3,
                                                "logprobs": 4, "return_tokens_as_token_ids": True})
@@ -258,8 +252,8 @@ def test_completion_logprobs_match_a_forward_pass(server, lm):
         assert token in dict(entries) and len(entries) == (4 if token in expected_ids else 5)
 
 
-def test_chat_logprobs_match_a_forward_pass(server, lm):
-    model, tokenizer, _ = lm
+def test_chat_logprobs_match_a_forward_pass(server, served_lm):
+    model, tokenizer, _ = served_lm
     messages = [{"role": "user", "content": "Define cat."}]
     response = ok(server.url, "/chat/completions", {"messages": messages, "max_tokens": 4, "logprobs": True,
                                                     "top_logprobs": 3, "temperature": 0,
@@ -283,8 +277,8 @@ def test_chat_logprobs_match_a_forward_pass(server, lm):
     assert [e["token"] for e in named["choices"][0]["logprobs"]["content"]] == [tokenizer.decode([t]) for t in generated]
 
 
-def test_echo_prompt_logprobs_match_a_forward_pass(server, lm):
-    model, tokenizer, _ = lm
+def test_echo_prompt_logprobs_match_a_forward_pass(server, served_lm):
+    model, tokenizer, _ = served_lm
     text = PROMPTS[2]
     prompt = tokenizer(text).input_ids
     response = ok(server.url, "/completions", {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2})
@@ -367,8 +361,8 @@ def test_bad_requests_get_openai_errors(server):
     assert ok(url, "/completions", {"prompt": "a", "max_tokens": 1})["choices"]
 
 
-def test_api_key(lm):
-    model, tokenizer, name = lm
+def test_api_key(served_lm):
+    model, tokenizer, name = served_lm
     lines: list[str] = []
     secret = "s3cret-key-value"
     with TeacherServer(model, tokenizer, name=name, api_key=secret, log=lines.append) as keyed:
@@ -385,8 +379,8 @@ def test_api_key(lm):
     assert lines and not any(secret in line or "wrong" in line or "A dog" in line for line in lines)
 
 
-def test_concurrent_requests_are_batched_and_match_serial(lm):
-    model, tokenizer, name = lm
+def test_concurrent_requests_are_batched_and_match_serial(served_lm):
+    model, tokenizer, name = served_lm
     bodies = [{"prompt": PROMPTS[i % 3] + " " * (i // 3), "max_tokens": 5, "temperature": 0} for i in range(6)]
     bodies.append({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 1.0, "seed": 11, "n": 2})
     with TeacherServer(model, tokenizer, name=name, max_batch_size=16, batch_wait_ms=2000) as batched:

@@ -11,27 +11,17 @@ import pytest
 import torch
 
 from distill.blackbox import TeacherAPIError, TeacherClient, choice_logprobs, choice_texts, finish_reasons
-from distill.serve.loading import load_served_model
 from distill.serve.server import TeacherServer
 
 PROMPTS = ["From fairest creatures", "A dog is a domesticated", "Thy self thy foe, to thy sweet self too cruel. But as"]
 KEY = "sk-serve-client-4b7e91d2"
 
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_lm, single_thread):
-    return load_served_model(str(tiny_lm["teacher"]))
-
-
-@pytest.fixture(scope="module")
-def server(lm) -> Iterator[TeacherServer]:
-    model, tokenizer, name = lm
+def server(served_lm) -> Iterator[TeacherServer]:
+    model, tokenizer, name = served_lm
     with TeacherServer(model, tokenizer, name=name, max_batch_size=16, batch_wait_ms=5) as running:
         yield running
 
@@ -57,8 +47,8 @@ def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
-def test_completions_chat_and_samples_through_the_client(server, lm) -> None:
-    model, tokenizer, _ = lm
+def test_completions_chat_and_samples_through_the_client(server, served_lm) -> None:
+    model, tokenizer, _ = served_lm
     client = client_of(server)
     response = client.complete(PROMPTS[1], max_tokens=6, temperature=0)
     assert choice_texts(response) == [greedy(model, tokenizer, tokenizer(PROMPTS[1]).input_ids, 6)]
@@ -78,8 +68,8 @@ def test_completions_chat_and_samples_through_the_client(server, lm) -> None:
     assert client.stats.requests == 5 and client.stats.retries == 0
 
 
-def test_logprobs_through_choice_logprobs_match_a_forward_pass(server, lm) -> None:
-    model, tokenizer, _ = lm
+def test_logprobs_through_choice_logprobs_match_a_forward_pass(server, served_lm) -> None:
+    model, tokenizer, _ = served_lm
     client = client_of(server)
     prompt = tokenizer(PROMPTS[2]).input_ids
     response = client.complete(prompt, max_tokens=3, temperature=0, logprobs=5, echo=True, return_tokens_as_token_ids=True)
@@ -114,8 +104,8 @@ def test_logprobs_through_choice_logprobs_match_a_forward_pass(server, lm) -> No
         ids.append(token)
 
 
-def test_a_concurrent_map_is_batched_on_the_server_and_equals_serial_requests(lm) -> None:
-    model, tokenizer, name = lm
+def test_a_concurrent_map_is_batched_on_the_server_and_equals_serial_requests(served_lm) -> None:
+    model, tokenizer, name = served_lm
     requests = [{"prompt": f"{PROMPTS[i % 3]}{' the' * (i // 3)}", "max_tokens": 4, "temperature": 0} for i in range(16)]
     with TeacherServer(model, tokenizer, name=name, max_batch_size=16, batch_wait_ms=300) as batched:
         client = client_of(batched, max_concurrency=16)
@@ -130,8 +120,8 @@ def test_a_concurrent_map_is_batched_on_the_server_and_equals_serial_requests(lm
     assert [choice_texts(r) for r in results] == [choice_texts(r) for r in serial]
 
 
-def test_the_bearer_key_is_checked_and_never_shown(lm, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, tokenizer, name = lm
+def test_the_bearer_key_is_checked_and_never_shown(served_lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer, name = served_lm
     lines: list[str] = []
     with TeacherServer(model, tokenizer, name=name, api_key=KEY) as keyed:
         monkeypatch.setenv("TEACHER_KEY", KEY)
@@ -198,8 +188,8 @@ def test_a_bad_request_is_a_4xx_with_the_servers_message_and_is_not_retried(serv
     assert client.stats.retries == 0 and client.stats.failures == 3
 
 
-def test_the_response_cache_answers_when_the_server_is_gone(lm, tmp_path: Path) -> None:
-    model, tokenizer, name = lm
+def test_the_response_cache_answers_when_the_server_is_gone(served_lm, tmp_path: Path) -> None:
+    model, tokenizer, name = served_lm
     requests = [{"prompt": text, "max_tokens": 5, "temperature": 0, "logprobs": 2} for text in PROMPTS]
     requests.append({"prompt": PROMPTS[0], "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 3})
     with TeacherServer(model, tokenizer, name=name) as running:

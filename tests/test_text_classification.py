@@ -22,34 +22,9 @@ from distill.data.text_classification import (
 from distill.engine.runner import run_experiment
 from distill.models.build import build_model
 from distill.models.text import text_classifier
+from tests.wordnet_fixtures import EASY, needs_wordnet
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.skipif(not Path(WORDNET_ROOT, "data.noun").is_file(), reason="WordNet (wordnet-base) is not installed"),
-]
-
-EASY = ["noun.animal", "noun.plant", "noun.food", "noun.person"]
-
-
-def build_word_tokenizer(folder: Path, size: int = 4000) -> Path:
-    """A word-level fast tokenizer (lower case, ``[PAD]`` id 0, ``[UNK]`` id 1) trained on WordNet noun and
-    verb definitions, saved to ``folder``: whole words make the small student learn in a few epochs."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [d for pos in ("noun", "verb") for _, _, d in read_wordnet_synsets(Path(WORDNET_ROOT) / f"data.{pos}")]
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=size, special_tokens=["[PAD]", "[UNK]"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def words(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_word_tokenizer(tmp_path_factory.mktemp("words")))
+pytestmark = [pytest.mark.usefixtures("single_thread"), needs_wordnet]
 
 
 def _category_of_texts() -> dict[str, set[str]]:

@@ -13,23 +13,12 @@ import torch
 
 from distill.config import load_experiment
 from distill.engine.runner import run_experiment
-from tests.lm_fixtures import WORDS, tiny_lm_experiment
-
-
-def _pairs_file(path: Path, count: int = 16) -> Path:
-    lines = []
-    for i in range(count):
-        word = WORDS[i % len(WORDS)]
-        lines.append(json.dumps({"prompt": f"Define {word}.", "chosen": f"the {word} is a {word}",
-                                 "rejected": f"the {WORDS[(i + 5) % len(WORDS)]} burns with fuel"}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.lm_fixtures import tiny_lm_experiment, write_preference_pairs
 
 
 def _pairs_data(tiny_lm, tmp_path: Path, batch_size: int = 4) -> dict:
     return {"dataset": "preference_jsonl", "batch_size": batch_size, "eval_batch_size": 8, "val_fraction": 0.0,
-            "test_fraction": 0.25, "params": {"files": str(_pairs_file(tmp_path / "pairs.jsonl")),
+            "test_fraction": 0.25, "params": {"files": str(write_preference_pairs(tmp_path / "pairs.jsonl", 16)),
                                               "tokenizer": str(tiny_lm["tokenizer"])}}
 
 
@@ -178,3 +167,11 @@ def test_answer_accuracy_appears_in_the_final_table(tiny_lm, tmp_path: Path, sin
     result = run_experiment(load_experiment(experiment))
     for row in result.rows:
         assert row["test"]["answer_rows"] == 4 and 0.0 <= row["test"]["answer_accuracy"] <= 1.0
+
+
+def test_the_teacher_data_example_validates() -> None:
+    experiment = load_experiment(Path(__file__).resolve().parents[1] / "examples" / "teacher_data" / "student.yaml")
+    stages = {stage.name: stage for stage in experiment.stages}
+    assert stages["redi"].data is not None and stages["redi"].data.dataset == "preference_jsonl"
+    assert stages["kdrl"].rollout is not None and stages["kdrl"].rollout.reward.name == "answer_match"
+    assert experiment.evaluation.answer is not None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import email.utils
 import http.client
+import inspect
 import json
 import numbers
 import os
@@ -273,6 +274,14 @@ def _read_key(name: str | None) -> _Secret | None:
     return _Secret(value)
 
 
+def _call_arguments(method: Callable[..., Any], first: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``method(first, **arguments)`` by name, defaults filled in from ``method``'s
+    signature (the one place they are stated); ``extra`` holds the keys it does not name."""
+    bound = inspect.signature(method).bind(first, **arguments)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 class TeacherClient:
     """Requests to a black-box teacher behind an OpenAI-compatible endpoint.
 
@@ -514,22 +523,9 @@ class TeacherClient:
 
     # ----------------------------------------------------------------------------- request bodies
 
-    def _completion_job(
-        self,
-        prompt: str | list[int],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_tokens: int = 64,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        echo: bool = False,
-        seed: int | None = None,
-        cache: bool = True,
-        cache_salt: str | None = None,
-        **extra: Any,
-    ) -> _Job:
+    def _completion_job(self, prompt: str | list[int], **arguments: Any) -> _Job:
+        """The checked request of ``complete(prompt, **arguments)``, not sent."""
+        given = _call_arguments(self.complete, prompt, arguments)
         if isinstance(prompt, str):
             sent: str | list[int] = prompt
         elif isinstance(prompt, (list, tuple)) and all(
@@ -538,60 +534,49 @@ class TeacherClient:
             sent = [int(token) for token in prompt]
         else:
             raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        logprobs = given["logprobs"]
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
             raise ValueError(f"logprobs must be a number of top tokens (an int >= 0) for complete(), got {logprobs!r}")
-        body = self._common_body(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+        body = self._common_body(given)
         body["prompt"] = sent
         if logprobs is not None:
             body["logprobs"] = logprobs
-        if echo:
+        if given["echo"]:
             body["echo"] = True
-        return self._job("/completions", body, extra, cache, cache_salt)
+        return self._job("/completions", body, given)
 
-    def _chat_job(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_tokens: int = 64,
-        stop: str | list[str] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        seed: int | None = None,
-        cache: bool = True,
-        cache_salt: str | None = None,
-        **extra: Any,
-    ) -> _Job:
+    def _chat_job(self, messages: list[dict[str, Any]], **arguments: Any) -> _Job:
+        """The checked request of ``chat(messages, **arguments)``, not sent."""
+        given = _call_arguments(self.chat, messages, arguments)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for position, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise TypeError(f"messages[{position}] must be a dict with a 'role' string")
+        logprobs, top_logprobs = given["logprobs"], given["top_logprobs"]
         if not isinstance(logprobs, bool):
             raise TypeError(f"logprobs is True or False for chat(), got {logprobs!r}; top_logprobs=k asks for k tokens")
         if top_logprobs is not None and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
-        body = self._common_body(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+        body = self._common_body(given)
         body["messages"] = [dict(message) for message in messages]
         if logprobs:
             body["logprobs"] = True
         if top_logprobs is not None:
             body["top_logprobs"] = int(top_logprobs)
-        return self._job("/chat/completions", body, extra, cache, cache_salt)
+        return self._job("/chat/completions", body, given)
 
     @staticmethod
-    def _common_body(
-        *, n: int, temperature: float, top_p: float, max_tokens: int, stop: str | list[str] | None, seed: int | None
-    ) -> dict[str, Any]:
+    def _common_body(given: dict[str, Any]) -> dict[str, Any]:
+        """The body fields that ``complete`` and ``chat`` share, from their arguments by name."""
+        n, max_tokens, stop, seed = given["n"], given["max_tokens"], given["stop"], given["seed"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
         # floats, so that temperature=1 and temperature=1.0 are one request (and one cache entry)
         body: dict[str, Any] = {
-            "n": n, "temperature": float(temperature), "top_p": float(top_p), "max_tokens": max_tokens
+            "n": n, "temperature": float(given["temperature"]), "top_p": float(given["top_p"]), "max_tokens": max_tokens
         }  # fmt: skip
         if stop is not None:
             body["stop"] = stop if isinstance(stop, str) else [str(item) for item in stop]
@@ -599,7 +584,8 @@ class TeacherClient:
             body["seed"] = int(seed)
         return body
 
-    def _job(self, path: str, body: dict[str, Any], extra: dict[str, Any], cache: bool, salt: str | None) -> _Job:
+    def _job(self, path: str, body: dict[str, Any], given: dict[str, Any]) -> _Job:
+        extra, cache, salt = given["extra"], given["cache"], given["cache_salt"]
         if extra.get("stream"):
             raise ValueError("stream=True is not supported: responses are read whole")
         if salt is not None and not isinstance(salt, str):

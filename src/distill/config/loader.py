@@ -25,14 +25,19 @@ KeyPath = tuple[Union[str, int], ...]
 
 
 class ConfigError(ValueError):
-    """An experiment that cannot run; ``problems`` holds one line per problem."""
+    """An experiment that cannot run; ``problems`` holds one line per problem.
+
+    ``subject`` names what was checked in the message (subclasses for other files change it).
+    """
+
+    subject = "the experiment"
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = problems
         self.source = source
         where = f"{source}: " if source else ""
         plural = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"{where}{len(problems)} {plural} in the experiment:\n" + "\n".join(f"  {p}" for p in problems))
+        super().__init__(f"{where}{len(problems)} {plural} in {self.subject}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def format_path(path: Iterable[str | int]) -> str:
@@ -288,31 +293,41 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def unknown_key_message(key: str, allowed: list[str]) -> str:
+    """The message of a key the schema does not know, with a close match and the keys ``allowed`` there."""
+    message = f"unknown key{did_you_mean(key, allowed)}"
+    if allowed:
+        message += f"; allowed keys here: {', '.join(allowed)}"
+    return message
+
+
+def error_message(item: dict[str, Any]) -> str:
+    """The readable message of one pydantic error other than an unknown key (``extra_forbidden``,
+    whose message needs the keys allowed where it stands: :func:`unknown_key_message`)."""
+    kind = item["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error":
+        return str(item.get("ctx", {}).get("error", item["msg"]))
+    if kind == "literal_error":
+        expected = item.get("ctx", {}).get("expected", "")
+        given = item.get("input")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+        hint = did_you_mean(str(given), choices) if isinstance(given, str) else ""
+        return f"{_short(given)} is not allowed{hint}; allowed values: {expected}"
+    return f"{item['msg']} (got {_short(item.get('input'))})"
+
+
 def pydantic_problems(error: ValidationError, lines: dict[KeyPath, int | str]) -> list[str]:
     """One readable line per pydantic error."""
     problems: list[str] = []
     for item in error.errors(include_url=False):
         path: KeyPath = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        kind = item["type"]
-        if kind == "extra_forbidden":
+        if item["type"] == "extra_forbidden":
             parent = _model_at(path[:-1])
-            allowed = list(parent.model_fields) if parent else []
-            key = str(path[-1])
-            message = f"unknown key{did_you_mean(key, allowed)}"
-            if allowed:
-                message += f"; allowed keys here: {', '.join(allowed)}"
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind == "value_error":
-            message = str(item.get("ctx", {}).get("error", item["msg"]))
-        elif kind == "literal_error":
-            expected = item.get("ctx", {}).get("expected", "")
-            given = item.get("input")
-            choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
-            hint = did_you_mean(str(given), choices) if isinstance(given, str) else ""
-            message = f"{_short(given)} is not allowed{hint}; allowed values: {expected}"
+            message = unknown_key_message(str(path[-1]), list(parent.model_fields) if parent else [])
         else:
-            message = f"{item['msg']} (got {_short(item.get('input'))})"
+            message = error_message(item)
         problems.append(describe(path, message, lines))
     return problems
 

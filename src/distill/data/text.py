@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ PROGRESS_MIN_EXAMPLES = 5_000
 
 _TOKENIZERS: dict[str, tuple[Any, str]] = {}
 _WORDNET_CACHE: dict[tuple[str, str, int, float], list[tuple[str, str]]] = {}
+
+_Parsed = TypeVar("_Parsed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1064,15 +1066,17 @@ def _lemma(word: str) -> str:
     return _ADJECTIVE_MARKER.sub("", word).replace("_", " ")
 
 
-def read_wordnet(path: str | os.PathLike[str], all_lemmas: bool = False) -> list[tuple[str, str]]:
-    """(word, first definition) pairs of a WordNet ``data.<pos>`` file, in file order: one per
-    synset (its first lemma), or one per lemma with ``all_lemmas``.
+def iter_wordnet_data(
+    path: str | os.PathLike[str], parse: Callable[[list[str]], _Parsed]
+) -> Iterator[tuple[_Parsed, str]]:
+    """``(parse(fields), first definition)`` for every synset line of a WordNet ``data.<pos>`` file, in file order.
 
-    Licence lines (starting with two spaces) are skipped; lemmas lose their adjective markers
-    (``(a)``, ``(p)``, ``(ip)``) and underscores become spaces.
+    ``fields`` are the whitespace-separated fields before the gloss (at least six); ``parse`` raises
+    ``ValueError`` on fields it cannot read. Licence lines (starting with two spaces) are skipped,
+    and so are synsets whose gloss holds no definition (:func:`first_definition` empty, or a quoted
+    example only). A malformed line raises an error naming ``file:line``.
     """
     file = Path(path)
-    pairs: list[tuple[str, str]] = []
     with open(file, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if line.startswith("  ") or not line.strip():
@@ -1082,18 +1086,60 @@ def read_wordnet(path: str | os.PathLike[str], all_lemmas: bool = False) -> list
             try:
                 if not separator or len(parts) < 6:
                     raise ValueError("no '|' before the gloss" if not separator else "too few fields")
-                count = int(parts[3], 16)
-                words = parts[4 : 4 + 2 * count : 2]
-                if count < 1 or len(words) != count:
-                    raise ValueError(f"the word count {parts[3]} does not match the words")
+                parsed = parse(parts)
             except ValueError as error:
                 raise ValueError(f"{file}:{number}: not a WordNet data line ({error}): {line[:80].rstrip()}") from None
             definition = first_definition(gloss.strip())
             if not definition or definition.startswith('"'):
                 continue
-            for word in words if all_lemmas else words[:1]:
-                pairs.append((_lemma(word), definition))
+            yield parsed, definition
+
+
+def _synset_words(parts: list[str]) -> list[str]:
+    count = int(parts[3], 16)
+    words = parts[4 : 4 + 2 * count : 2]
+    if count < 1 or len(words) != count:
+        raise ValueError(f"the word count {parts[3]} does not match the words")
+    return words
+
+
+def read_wordnet(path: str | os.PathLike[str], all_lemmas: bool = False) -> list[tuple[str, str]]:
+    """(word, first definition) pairs of a WordNet ``data.<pos>`` file, in file order: one per
+    synset (its first lemma), or one per lemma with ``all_lemmas``.
+
+    Licence lines (starting with two spaces) are skipped; lemmas lose their adjective markers
+    (``(a)``, ``(p)``, ``(ip)``) and underscores become spaces.
+    """
+    pairs: list[tuple[str, str]] = []
+    for words, definition in iter_wordnet_data(path, _synset_words):
+        for word in words if all_lemmas else words[:1]:
+            pairs.append((_lemma(word), definition))
     return pairs
+
+
+def check_wordnet_pos(pos: Any) -> list[str]:
+    """``data.params.pos`` checked: a part of speech or a non-empty list of them (of :data:`WORDNET_POS`)."""
+    if isinstance(pos, str):
+        pos = [pos]
+    if not isinstance(pos, (list, tuple)) or not pos:
+        raise ValueError(f"data.params.pos must be a non-empty list of {', '.join(WORDNET_POS)}, got {pos!r}")
+    for name in pos:
+        if name not in WORDNET_POS:
+            raise ValueError(f"data.params.pos: unknown part of speech {name!r}{did_you_mean(str(name), WORDNET_POS)}; "
+                             f"choose from {', '.join(WORDNET_POS)}")
+    return list(pos)
+
+
+def wordnet_folder(root: str, pos: Sequence[str]) -> Path:
+    """The folder ``root`` (``~`` expanded), checked to hold the ``data.<pos>`` file of every part of speech in ``pos``."""
+    folder = Path(os.path.expanduser(root))
+    missing = [str(folder / f"data.{name}") for name in pos if not (folder / f"data.{name}").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"WordNet files not found: {', '.join(missing)}. Install WordNet 3.0 with `{WORDNET_APT}` "
+            f"(files go to {WORDNET_ROOT}), or set data.params.root to a folder holding data.noun, data.verb, ..."
+        )
+    return folder
 
 
 def _wordnet_pairs(root: Path, pos: str, all_lemmas: bool) -> list[tuple[str, str]]:
@@ -1138,27 +1184,14 @@ def wordnet_definitions(
     no test prompt is seen in training. Encoded as in ``chat_jsonl`` (``max_length``, ``truncate``,
     ``chat_template``); with ``chat_template: false`` the prompt is ``Define <word>.`` and a newline.
     """
-    if isinstance(pos, str):
-        pos = [pos]
-    if not isinstance(pos, (list, tuple)) or not pos:
-        raise ValueError(f"data.params.pos must be a non-empty list of {', '.join(WORDNET_POS)}, got {pos!r}")
-    for name in pos:
-        if name not in WORDNET_POS:
-            raise ValueError(f"data.params.pos: unknown part of speech {name!r}{did_you_mean(str(name), WORDNET_POS)}; "
-                             f"choose from {', '.join(WORDNET_POS)}")
+    pos = check_wordnet_pos(pos)
     _check_int("max_samples", max_samples, 1, optional=True)
     _check_chat(max_length, truncate, chat_template)
     _check_bool("all_lemmas", all_lemmas)
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 < held_out < 1:
         raise ValueError(f"data.params.held_out must be a fraction between 0 and 1 (exclusive), got {held_out!r}")
     _check_int("seed", seed, 0)
-    folder = Path(os.path.expanduser(root))
-    missing = [str(folder / f"data.{name}") for name in pos if not (folder / f"data.{name}").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"WordNet files not found: {', '.join(missing)}. Install WordNet 3.0 with `{WORDNET_APT}` "
-            f"(files go to {WORDNET_ROOT}), or set data.params.root to a folder holding data.noun, data.verb, ..."
-        )
+    folder = wordnet_folder(root, pos)
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for name in pos:

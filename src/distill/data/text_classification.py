@@ -50,7 +50,6 @@ import torch
 
 from distill.data.base import ArraySplit, RawDataset
 from distill.data.text import (
-    WORDNET_APT,
     WORDNET_POS,
     WORDNET_ROOT,
     _check_bool,
@@ -59,9 +58,11 @@ from distill.data.text import (
     _lemma,
     _short,
     _tokenize,
-    first_definition,
+    check_wordnet_pos,
     get_tokenizer,
     iter_jsonl,
+    iter_wordnet_data,
+    wordnet_folder,
 )
 from distill.registry import DATASETS, did_you_mean
 
@@ -240,29 +241,21 @@ def read_wordnet_synsets(path: str | os.PathLike[str]) -> list[tuple[int, str, s
     key = (str(file.resolve()), stat.st_size, stat.st_mtime)
     if key in _SYNSET_CACHE:
         return _SYNSET_CACHE[key]
-    synsets: list[tuple[int, str, str]] = []
-    with open(file, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.startswith("  ") or not line.strip():
-                continue
-            fields, separator, gloss = line.partition("|")
-            parts = fields.split()
-            try:
-                if not separator or len(parts) < 6:
-                    raise ValueError("no '|' before the gloss" if not separator else "too few fields")
-                lexnum = int(parts[1])
-                if not 0 <= lexnum < len(LEXNAMES):
-                    raise ValueError(f"lexicographer file number {parts[1]} is not one of 00..{len(LEXNAMES) - 1}")
-                if int(parts[3], 16) < 1:
-                    raise ValueError("a synset without words")
-            except ValueError as error:
-                raise ValueError(f"{file}:{number}: not a WordNet data line ({error}): {line[:80].rstrip()}") from None
-            definition = first_definition(gloss.strip())
-            if not definition or definition.startswith('"'):
-                continue
-            synsets.append((lexnum, _lemma(parts[4]), definition))
+    synsets = [
+        (lexnum, _lemma(word), definition)
+        for (lexnum, word), definition in iter_wordnet_data(file, _lexname_and_word)
+    ]
     _SYNSET_CACHE[key] = synsets
     return synsets
+
+
+def _lexname_and_word(parts: list[str]) -> tuple[int, str]:
+    lexnum = int(parts[1])
+    if not 0 <= lexnum < len(LEXNAMES):
+        raise ValueError(f"lexicographer file number {parts[1]} is not one of 00..{len(LEXNAMES) - 1}")
+    if int(parts[3], 16) < 1:
+        raise ValueError("a synset without words")
+    return lexnum, parts[4]
 
 
 def _class_rng(seed: int, name: str) -> random.Random:
@@ -307,16 +300,7 @@ def wordnet_lexnames(
     ``extra_train`` appends ``{"text", "label"}`` JSONL examples to the training split.
     """
     _check_common(tokenizer, max_length, heldout)
-    if isinstance(pos, str):
-        pos = [pos]
-    if not isinstance(pos, (list, tuple)) or not pos:
-        raise ValueError(f"data.params.pos must be a non-empty list of {', '.join(WORDNET_POS)}, got {pos!r}")
-    for name in pos:
-        if name not in WORDNET_POS:
-            raise ValueError(
-                f"data.params.pos: unknown part of speech {name!r}{did_you_mean(str(name), WORDNET_POS)}; "
-                f"choose from {', '.join(WORDNET_POS)}"
-            )
+    pos = check_wordnet_pos(pos)
     _check_int("per_class_train", per_class_train, 1, optional=True)
     _check_int("val_per_class", val_per_class, 0)
     _check_int("test_per_class", test_per_class, 1)
@@ -344,13 +328,7 @@ def wordnet_lexnames(
         if len(set(categories)) != len(categories):
             raise ValueError(f"data.params.categories lists a category twice: {list(categories)}")
         class_names = list(categories)
-    folder = Path(os.path.expanduser(root))
-    missing = [str(folder / f"data.{name}") for name in pos if not (folder / f"data.{name}").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"WordNet files not found: {', '.join(missing)}. Install WordNet 3.0 with `{WORDNET_APT}` "
-            f"(files go to {WORDNET_ROOT}), or set data.params.root to a folder holding data.noun, data.verb, ..."
-        )
+    folder = wordnet_folder(root, pos)
     wanted = {LEXNAMES.index(name): name for name in class_names}
     texts: dict[str, list[tuple[str, str]]] = {name: [] for name in class_names}  # category -> (text, where)
     labels_of: dict[str, set[str]] = {}

@@ -143,6 +143,27 @@ def reverse_kl_rows(
     return torch.exp(-limited) - 1.0 + limited
 
 
+def _policy_rows(
+    token_log_probs: torch.Tensor,
+    counted: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    clip_eps: float,
+) -> torch.Tensor:
+    """:func:`policy_gradient_rows` of the counted tokens: ``advantages`` ``[...]`` (one per response)
+    and ``old_logprobs`` ``[..., T]`` checked against ``counted`` ``[..., T]`` and gathered to rows ``[P]``."""
+    leading_shape = counted.shape
+    advantage = _per_response("advantages", advantages, leading_shape[:-1], counted.device)
+    assert advantage is not None
+    advantage_rows = advantage.to(token_log_probs.dtype).unsqueeze(-1).expand(leading_shape)[counted]
+    old_rows = None
+    if old_logprobs is not None:
+        if tuple(old_logprobs.shape) != tuple(leading_shape):
+            raise ValueError(f"old_logprobs have shape {tuple(old_logprobs.shape)}; expected {tuple(leading_shape)}")
+        old_rows = old_logprobs.detach().to(device=counted.device, dtype=token_log_probs.dtype)[counted]
+    return policy_gradient_rows(token_log_probs, advantage_rows, old_rows, clip_eps)
+
+
 def _check_scalar_coefficient(name: str, value: float | torch.Tensor) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -189,15 +210,7 @@ def _kdrl_parts(
                 "kdrl: the policy term (rl_weight > 0) needs advantages, one per response "
                 "(in YAML: inputs.advantages: batch.advantages); set rl_weight: 0 for distillation alone"
             )
-        advantage = _per_response("advantages", advantages, response_shape, device)
-        assert advantage is not None
-        advantage_rows = advantage.to(token.dtype).unsqueeze(-1).expand(leading_shape)[counted]
-        old_rows = None
-        if old_logprobs is not None:
-            if tuple(old_logprobs.shape) != tuple(leading_shape):
-                raise ValueError(f"old_logprobs have shape {tuple(old_logprobs.shape)}; expected {tuple(leading_shape)}")
-            old_rows = old_logprobs.detach().to(device=device, dtype=token.dtype)[counted]
-        policy = policy_gradient_rows(token, advantage_rows, old_rows, clip_eps)
+        policy = _policy_rows(token, counted, advantages, old_logprobs, clip_eps)
     kl = None
     if with_kl:
         teacher_rows = as_float32(teacher_logits.detach()[counted]).to(log_q.dtype)
@@ -319,16 +332,8 @@ def grpo(
     if not 0.0 <= clip_eps < 1.0:
         raise ValueError(f"clip_eps must be in [0, 1), got {clip_eps}")
     counted, _, _, token = _token_log_probs(student_logits, labels, mask, ignore_index)
-    leading_shape = student_logits.shape[:-1]
-    advantage = _per_response("advantages", advantages, leading_shape[:-1], student_logits.device)
-    assert advantage is not None
-    advantage_rows = advantage.to(token.dtype).unsqueeze(-1).expand(leading_shape)[counted]
-    old_rows = None
-    if old_logprobs is not None:
-        if tuple(old_logprobs.shape) != tuple(leading_shape):
-            raise ValueError(f"old_logprobs have shape {tuple(old_logprobs.shape)}; expected {tuple(leading_shape)}")
-        old_rows = old_logprobs.detach().to(device=token.device, dtype=token.dtype)[counted]
-    return reduce_rows(policy_gradient_rows(token, advantage_rows, old_rows, clip_eps), counted, leading_shape, reduction)
+    policy = _policy_rows(token, counted, advantages, old_logprobs, clip_eps)
+    return reduce_rows(policy, counted, student_logits.shape[:-1], reduction)
 
 
 def scheduled_coefficient(

@@ -542,6 +542,18 @@ def _usage(plan: Plan) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _response(id_prefix: str, kind: str, plan: Plan, info: ModelInfo, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The response object around ``choices``: a fresh ``<id_prefix>-...`` id, ``object`` ``kind``, the model and usage."""
+    return {
+        "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": info.name,
+        "choices": choices,
+        "usage": _usage(plan),
+    }
+
+
 def completion_response(plan: Plan, info: ModelInfo) -> dict[str, Any]:
     """The ``text_completion`` object of a decoded completion plan."""
     names = _Names(info.codec, plan.token_ids)
@@ -555,14 +567,7 @@ def completion_response(plan: Plan, info: ModelInfo) -> dict[str, Any]:
             "logprobs": _completion_logprobs(plan, row, names, prompt_text) if plan.logprobs is not None else None,
             "finish_reason": row.finish_reason,
         })
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": info.name,
-        "choices": choices,
-        "usage": _usage(plan),
-    }
+    return _response("cmpl", "text_completion", plan, info, choices)
 
 
 def _chat_entry(names: _Names, token: int, logprob: float) -> dict[str, Any]:
@@ -586,12 +591,5 @@ def chat_response(plan: Plan, info: ModelInfo) -> dict[str, Any]:
             "logprobs": logprobs,
             "finish_reason": row.finish_reason,
         })
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": info.name,
-        "choices": choices,
-        "usage": _usage(plan),
-    }
+    return _response("chatcmpl", "chat.completion", plan, info, choices)
 

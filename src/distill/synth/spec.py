@@ -31,9 +31,12 @@ from distill.config.loader import (
     ConfigError,
     KeyPath,
     apply_mapping_overrides,
+    _short,
     apply_overrides,
     describe,
+    error_message,
     read_yaml,
+    unknown_key_message,
 )
 from distill.registry import did_you_mean
 from distill.answers import DEFAULT_PATTERN, compile_answer_pattern
@@ -536,14 +539,7 @@ def spec_problems(spec: GenerateSpec) -> list[tuple[KeyPath, str]]:
 class GenerateSpecError(ConfigError):
     """A generate spec that cannot run; ``problems`` holds one line per problem."""
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = problems
-        self.source = source
-        where = f"{source}: " if source else ""
-        plural = "problem" if len(problems) == 1 else "problems"
-        ValueError.__init__(
-            self, f"{where}{len(problems)} {plural} in the generate spec:\n" + "\n".join(f"  {p}" for p in problems)
-        )
+    subject = "the generate spec"
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
@@ -601,11 +597,6 @@ def _field_model(model: type[BaseModel] | None, part: Any) -> type[BaseModel] | 
     return None
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def validation_problems(error: ValidationError, data: Any, lines: dict[KeyPath, int | str]) -> list[str]:
     """One readable line per problem of a pydantic error (union alternatives merged per key)."""
     grouped: dict[KeyPath, list[dict[str, Any]]] = {}
@@ -618,28 +609,15 @@ def validation_problems(error: ValidationError, data: Any, lines: dict[KeyPath, 
             kind = item["type"]
             if kind == "extra_forbidden":
                 parent = _model_for(path[:-1], data)
-                allowed = [k for k in parent.model_fields if k != "type"] if parent else []
-                message = f"unknown key{did_you_mean(str(path[-1]), allowed)}"
-                if allowed:
-                    message += f"; allowed keys here: {', '.join(allowed)}"
-            elif kind == "missing":
-                message = "required key is missing"
+                message = unknown_key_message(str(path[-1]), [k for k in parent.model_fields if k != "type"] if parent else [])
             elif kind in ("union_tag_invalid", "union_tag_not_found"):
                 given = item.get("input", {}).get("type") if isinstance(item.get("input"), dict) else item.get("input")
                 choices = list(FILTER_TYPES)
                 hint = did_you_mean(str(given), choices) if isinstance(given, str) else ""
                 head = "a filter needs a type" if kind == "union_tag_not_found" else f"unknown filter type {_short(given)}{hint}"
                 message = f"{head}; filter types: {', '.join(choices)}"
-            elif kind == "value_error":
-                message = str(item.get("ctx", {}).get("error", item["msg"]))
-            elif kind == "literal_error":
-                expected = item.get("ctx", {}).get("expected", "")
-                given = item.get("input")
-                options = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
-                hint = did_you_mean(str(given), options) if isinstance(given, str) else ""
-                message = f"{_short(given)} is not allowed{hint}; allowed values: {expected}"
             else:
-                message = f"{item['msg']} (got {_short(item.get('input'))})"
+                message = error_message(item)
             if message not in messages:
                 messages.append(message)
         if len(messages) > 1 and all(i["type"] not in ("extra_forbidden", "missing") for i in items):
