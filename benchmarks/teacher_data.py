@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems (a quick try)")
     parser.add_argument("--student-overrides", nargs="*", default=[], help="--set style overrides of the student experiment")
+    parser.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
+                        help="copy finished stages identical to the experiment's from these run folders")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_data"))
     args = parser.parse_args()
 
@@ -109,7 +111,7 @@ def main() -> None:
 
     # the student: SFT -> REDI -> KDRL
     experiment = load_experiment(STUDENT, overrides=args.student_overrides)
-    result = run_experiment(experiment)
+    result = run_experiment(experiment, reuse_dirs=args.reuse)
     rows = []
     for row in result.rows:
         test = row["test"]

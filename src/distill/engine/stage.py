@@ -402,7 +402,7 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
                     if rollout is not None:
                         micro_batches, extra_sources = rollout.sample(accelerator.unwrap_model(model), micro_batches, step)
                     if negatives is not None:
-                        micro_batches = negatives.pairs(accelerator.unwrap_model(model), micro_batches, epoch)
+                        micro_batches = negatives.pairs(accelerator.unwrap_model(model), micro_batches, epoch, step)
                     micro_batches = [trim_padding(ids, labels) for ids, labels in micro_batches]
                     counts = [valid_token_count(labels) for _, labels in micro_batches]
                     step_count = _global_sum(context, float(sum(counts)))
@@ -921,7 +921,7 @@ class _StageNegatives:
             self.snapshot = context.frozen(self.spec.source, before=index)
 
     def pairs(
-        self, model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int
+        self, model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, step: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         import copy
 
@@ -931,10 +931,15 @@ class _StageNegatives:
             self.snapshot = copy.deepcopy(model).eval().requires_grad_(False)
             self.epoch = epoch
         assert self.snapshot is not None
-        return [
-            sample_negatives(
-                self.snapshot, input_ids, labels, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                temperature=self.spec.temperature, top_p=self.spec.top_p, max_new_tokens=self.spec.max_new_tokens,
-            )
-            for input_ids, labels in micro_batches
-        ]
+        context = self.context
+        devices = [context.device] if context.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # the negatives of step s are a function of (seed, stage, s) and the sampling model
+            torch.manual_seed(derive_seed(context.experiment.seed, "negatives", self.stage.name, step, context.rank))
+            return [
+                sample_negatives(
+                    self.snapshot, input_ids, labels, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                    temperature=self.spec.temperature, top_p=self.spec.top_p, max_new_tokens=self.spec.max_new_tokens,
+                )
+                for input_ids, labels in micro_batches
+            ]
