@@ -49,7 +49,9 @@ def build_case(name: str, sources: dict[str, torch.Tensor], classes: int) -> Obj
         return None
     if "student.logits" not in needed:  # a feature or relation loss: not a logit loss
         return None
-    if name in ("margin_mse", "dckd", "adpa"):  # pairs of scores / of responses, not class logits
+    if name in ("margin_mse", "dckd", "adpa", "redi", "qcrd"):  # pairs of scores / of responses, not class logits
+        return None
+    if name in ("kdrl", "grpo"):  # token rows of sampled completions with their advantages
         return None
     shapes = {source: tuple(tensor.shape[1:]) for source, tensor in sources.items()}
     return Objective([Term(name, name)], num_classes=classes, source_shapes=shapes)
