@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--reuse", action="append", default=[], metavar="FOLDER",
                          help="copy stages identical to finished ones in run folders under FOLDER (e.g. an earlier comparison)")
 
-    report = commands.add_parser("report", help="rebuild report.md (run folder), compare.md (comparison folder) or active.md (active folder)")
+    report = commands.add_parser("report", help="rebuild report.md (run folder), compare.md (comparison folder), active.md (active folder) or pgkd.md (PGKD folder)")
     report.add_argument("folder")
 
     listing = commands.add_parser("list", help="list registered components with one-line docs")

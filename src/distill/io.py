@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and JSON-lines logs that tolerate a torn last line.
+"""Files written whole or not at all, JSON-lines logs that tolerate a torn last line, and the
+readers of users' text and JSONL files (errors name ``file:line``).
 
 The lowest layer of the package: it imports nothing from distill, so the engine, the reports
 and the command line can all use it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def read_user_text(path: Path) -> str:
+    """A user's text file as a string (UTF-8, a byte-order mark allowed); a clear error otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error})") from error
+
+
+def iter_user_jsonl(paths: Iterable[Path]) -> Iterator[tuple[Path, int, Any]]:
+    """``(path, line number, object)`` for every non-blank line of users' JSONL files; a line that
+    is not JSON is an error naming ``file:line``."""
+    for path in paths:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                yield Path(path), number, record

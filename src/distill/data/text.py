@@ -29,7 +29,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 import random
 import re
@@ -43,6 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from distill.io import iter_user_jsonl, read_user_text
 from distill.data.base import IGNORE_INDEX, ArraySplit, RawDataset
 from distill.registry import DATASETS, did_you_mean
 
@@ -200,10 +200,7 @@ def _expand_files(files: Any, name: str, folder_pattern: str) -> list[Path]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error})") from error
+    return read_user_text(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,17 +458,8 @@ def _example_from_record(record: Any, where: str) -> ChatExample:
 
 def iter_jsonl(paths: Sequence[Path]) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for every non-blank line of JSONL files; bad JSON names ``file:line``."""
-    for path in paths:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-                yield where, record
+    for path, number, record in iter_user_jsonl(paths):
+        yield f"{path}:{number}", record
 
 
 def read_chat_jsonl(paths: Sequence[Path]) -> list[ChatExample]:

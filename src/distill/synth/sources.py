@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, iter_user_jsonl, read_user_text
 
 
 @dataclass
@@ -258,31 +258,23 @@ def read_seed_prompts(
     ``id_field`` (optional, default ``<file name>:<line>``) a unique id. Errors name ``file:line``."""
     items: list[PromptItem] = []
     ids: dict[str, str] = {}
-    for path in expand_files(files, "source.prompts.files"):
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                for name in (field, reference_field, id_field):
-                    if name is not None and name not in record:
-                        raise ValueError(f"{where}: no field '{name}' (the object has keys {sorted(record)})")
-                question = record[field]
-                if not isinstance(question, str) or not question.strip():
-                    raise ValueError(f"{where}: '{field}' must be a non-empty string, got {question!r}")
-                reference = _scalar_text(record[reference_field], where, reference_field) if reference_field else None
-                item_id = _scalar_text(record[id_field], where, id_field) if id_field else f"{path.name}:{number}"
-                if item_id in ids:
-                    raise ValueError(f"{where}: id '{item_id}' was already used at {ids[item_id]}; ids must be unique")
-                ids[item_id] = where
-                items.append(PromptItem(item_id, question=question, reference=reference,
-                                        source={"file": str(path), "line": number}))
+    for path, number, record in iter_user_jsonl(expand_files(files, "source.prompts.files")):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for name in (field, reference_field, id_field):
+            if name is not None and name not in record:
+                raise ValueError(f"{where}: no field '{name}' (the object has keys {sorted(record)})")
+        question = record[field]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: '{field}' must be a non-empty string, got {question!r}")
+        reference = _scalar_text(record[reference_field], where, reference_field) if reference_field else None
+        item_id = _scalar_text(record[id_field], where, id_field) if id_field else f"{path.name}:{number}"
+        if item_id in ids:
+            raise ValueError(f"{where}: id '{item_id}' was already used at {ids[item_id]}; ids must be unique")
+        ids[item_id] = where
+        items.append(PromptItem(item_id, question=question, reference=reference,
+                                source={"file": str(path), "line": number}))
     if not items:
         raise ValueError(f"source.prompts.files: no prompts in {files!r}")
     return items
@@ -368,10 +360,7 @@ def chunk_document(text: str, chunk_chars: int = 2000, overlap_chars: int = 200)
 
 
 def read_document(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error})") from error
+    return read_user_text(path)
 
 
 def document_items(files: str | Sequence[str], *, chunk_chars: int, overlap_chars: int) -> list[PromptItem]:
