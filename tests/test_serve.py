@@ -541,3 +541,33 @@ def test_command_serve_runs_and_stops_on_ctrl_c(tiny_lm):
             process.kill()
     assert process.returncode == 0, rest
     assert "stopped" in rest and "cli-key" not in "".join(seen) + rest
+
+
+def test_stopping_mid_batch_ends_the_decoding_and_answers_503(served_lm, monkeypatch):
+    """No decoding outlives the server: a batch in flight ends at its next step (a daemon thread
+    still running torch code at interpreter exit can abort the process)."""
+    import threading
+    import time
+
+    model, tokenizer, name = served_lm
+    original = model.forward
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+    server = TeacherServer(model, tokenizer, name=name)
+    server.start()
+    answers: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(request(server.url, "/completions", {"prompt": "A dog", "max_tokens": 60}))
+    )
+    thread.start()
+    time.sleep(0.5)  # the batch is decoding: 60 steps of at least 50 ms each
+    started = time.monotonic()
+    server.stop()
+    thread.join(10)
+    assert time.monotonic() - started < 2.0  # not the 3 s the batch still had to run
+    assert server.worker._thread is None
+    assert answers and answers[0][0] == 503

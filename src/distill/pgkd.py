@@ -628,6 +628,7 @@ class _Teacher:
         if self._client is not None:
             return self._client
         from distill.blackbox.client import EndpointSpec, TeacherClient
+        from distill.synth.pipeline import SERVE_TIMEOUT_S
 
         fields = {"cache_dir": str(self._cache_dir), **self.spec.endpoint_fields()}
         if self.spec.serve is not None:
@@ -637,7 +638,8 @@ class _Teacher:
             model, tokenizer, name = load_served_model(self.spec.serve.model, stage=self.spec.serve.stage)
             self._server = TeacherServer(model, tokenizer, name=name, host="127.0.0.1", port=0)
             url = self._server.start()
-            fields = {**fields, "base_url": url, "model": fields.get("model", name)}
+            # a request waits while those ahead of it decode, minutes on a CPU: the remote default is too short
+            fields = {"timeout_s": SERVE_TIMEOUT_S, **fields, "base_url": url, "model": fields.get("model", name)}
             self.name = str(fields["model"])
             self.description = f"{name}, served at {url}"
             self._say(f"teacher: {self.description}")

@@ -181,8 +181,12 @@ def decode_batch(
     eos_token_ids: Iterable[int] = (),
     decode: Callable[[list[int]], str] | None = None,
     pad_token_id: int = 0,
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
     """Decode ``rows`` together with one KV cache; fills each row's outputs in place.
+
+    ``cancelled`` (optional) is asked before every decoding step; when it answers True the batch
+    ends at once with :class:`ShuttingDown` (a server stopping mid-batch).
 
     ``model`` is a Hugging Face causal LM (``forward`` takes ``input_ids``, ``attention_mask``,
     ``position_ids``, ``cache`` or ``past_key_values``, ``use_cache``). Prompts are left-padded; each row stops
@@ -199,13 +203,15 @@ def decode_batch(
         raise ValueError("decode_batch: stop strings need `decode` (token ids -> text)")
     eos = set(int(token) for token in eos_token_ids)
     with torch.inference_mode():
-        _decode(model, rows, eos, decode, pad_token_id)
+        _decode(model, rows, eos, decode, pad_token_id, cancelled)
     for row in rows:
         if not row.cut:
             row.text = decode(row.tokens) if decode is not None else ""
 
 
-def _decode(model: torch.nn.Module, rows: list[Row], eos: set[int], decode: Any, pad_token_id: int) -> None:
+def _decode(
+    model: torch.nn.Module, rows: list[Row], eos: set[int], decode: Any, pad_token_id: int, cancelled: Any = None
+) -> None:
     device = model_device(model)
     forward = _Forward(model)
     width = max(len(row.prompt) for row in rows)
@@ -237,6 +243,8 @@ def _decode(model: torch.nn.Module, rows: list[Row], eos: set[int], decode: Any,
             row.finish_reason = FINISH_LENGTH
     can_shrink = _can_shrink(cache)
     while any(slot is not None for slot in slots):
+        if cancelled is not None and cancelled():
+            raise ShuttingDown("the server stopped while this request was being decoded")
         if can_shrink and None in slots:
             keep = torch.tensor([j for j, slot in enumerate(slots) if slot is not None], device=device)
             cache.batch_select_indices(keep)
@@ -405,7 +413,8 @@ class BatchWorker:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the running batch, fail the queued rows with :class:`ShuttingDown`, end the thread."""
+        """End the running batch at its next decoding step and fail its rows and the queued ones
+        with :class:`ShuttingDown`; end the thread (so no decoding outlives the server)."""
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
@@ -438,7 +447,8 @@ class BatchWorker:
             error: BaseException | None = None
             try:
                 decode_batch(
-                    self.model, batch, eos_token_ids=self.eos_token_ids, decode=self.decode, pad_token_id=self.pad_token_id
+                    self.model, batch, eos_token_ids=self.eos_token_ids, decode=self.decode, pad_token_id=self.pad_token_id,
+                    cancelled=lambda: self._stopping,
                 )
             except Exception as caught:  # noqa: BLE001 - reported to the requests, the worker keeps serving
                 error = caught

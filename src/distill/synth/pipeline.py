@@ -80,10 +80,10 @@ CONNECTION_FIELDS = ("api_key_env", "max_concurrency", "max_retries", "backoff_i
                      "cache_dir", "extra_headers")
 """Endpoint settings that change how the teacher is reached, not what it answers: not fingerprinted."""
 SERVE_RUNTIME_FIELDS = ("max_batch_size", "device")
+"""Settings of an in-process server that change how fast it answers: not fingerprinted."""
 SERVE_TIMEOUT_S = 600.0
 """Default ``timeout_s`` for a teacher served in-process: a request waits while the requests ahead of
 it are decoded, which can take minutes on a CPU."""
-"""Settings of an in-process server that change how fast it answers: not fingerprinted."""
 
 Progress = Callable[[int, int, int], None]
 """``progress(prompts_done, prompts_total, records_kept)``."""
