@@ -276,13 +276,10 @@ def generation_draw(seed: int, stage: str, step: int) -> float:
 # -- task accuracy: greedy answers checked by a rule -----------------------------------------------
 
 
-def _split_texts(tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
-    """The target text of each row (its reference completion), decoded without special tokens."""
-    texts = []
-    for row_ids, row_labels in zip(input_ids, labels):
-        targets = row_labels[row_labels != IGNORE_INDEX]
-        texts.append(tokenizer.decode(targets.tolist(), skip_special_tokens=True))
-    return texts
+def decode_targets(tokenizer: Any, labels: torch.Tensor) -> list[str]:
+    """Each row's target tokens (labels that are not ``IGNORE_INDEX``: its completion) decoded,
+    special tokens skipped."""
+    return [tokenizer.decode(row[row != IGNORE_INDEX].tolist(), skip_special_tokens=True) for row in labels]
 
 
 @torch.no_grad()
@@ -318,12 +315,12 @@ def answer_accuracy(
     sums = torch.zeros(3, dtype=torch.float64)  # right, formatted, rows
     for chunk in torch.split(indices, max(1, int(spec.batch_size))):
         input_ids, labels = trim_padding(split.inputs[chunk], split.labels[chunk])
-        references = _split_texts(tokenizer, input_ids, labels)
+        references = decode_targets(tokenizer, labels)
         new_ids, new_labels = generate_completions(
             model, input_ids.to(context.device), labels.to(context.device), decode,
             pad_token_id=int(meta.get("pad_token_id", 0)), eos_token_id=meta.get("eos_token_id"),
         )
-        completions = _split_texts(tokenizer, new_ids.cpu(), new_labels.cpu())
+        completions = decode_targets(tokenizer, new_labels.cpu())
         for completion, reference in zip(completions, references):
             answer = extract_answer(completion, spec.pattern, normalize=spec.normalize)
             expected = extract_answer(reference, spec.pattern, normalize=spec.normalize)

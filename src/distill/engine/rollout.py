@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from distill.data.base import IGNORE_INDEX
-from distill.engine.lm import generate_completions, prompt_lengths
+from distill.engine.lm import decode_targets, generate_completions, prompt_lengths
 
 ADVANTAGE_SCALES: tuple[str, ...] = ("std", "none")
 
@@ -105,15 +105,6 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def _decode_targets(tokenizer: Any, labels: torch.Tensor) -> list[str]:
-    """Each row's target tokens (labels that are not ``IGNORE_INDEX``) decoded, special tokens skipped."""
-    texts = []
-    for row in labels:
-        tokens = row[row != IGNORE_INDEX].tolist()
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
-
-
 @torch.no_grad()
 def group_rollout(
     model: torch.nn.Module,
@@ -153,13 +144,13 @@ def group_rollout(
         raise ValueError(f"scale_advantages must be one of {ADVANTAGE_SCALES}, got '{scale_advantages}'")
     spec = SamplingSpec(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens)
     prompt_lengths(labels, prompt_tokens)  # a clear error for plain text without prompt_tokens, before sampling
-    references = _decode_targets(tokenizer, labels)
+    references = decode_targets(tokenizer, labels)
     repeated_ids = input_ids.repeat_interleave(int(group_size), dim=0)
     repeated_labels = labels.repeat_interleave(int(group_size), dim=0)
     new_ids, new_labels = generate_completions(
         model, repeated_ids, repeated_labels, spec, pad_token_id=pad_token_id, eos_token_id=eos_token_id
     )
-    completions = _decode_targets(tokenizer, new_labels)
+    completions = decode_targets(tokenizer, new_labels)
     group = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(int(group_size))
     row_references = [references[int(g)] for g in group.tolist()]
     scores = []

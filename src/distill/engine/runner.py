@@ -229,6 +229,12 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     example = test.inputs[:1]
+    answers = experiment.evaluation.answer if is_lm else None
+    answer_tokenizer = None
+    if answers is not None:
+        from distill.models.causal_lm import load_tokenizer
+
+        answer_tokenizer = load_tokenizer(str(context.data.meta["tokenizer"]))  # once for every model
     for name, stage_name, model, summary in entries:
         is_reference = reference is not None and name == reference[0] and (
             (stage_name is None) != context.is_stage_teacher(name, reference[1])
@@ -237,8 +243,8 @@ def final_evaluation(context: RunContext) -> list[dict[str, Any]]:
             if reference_model is not None and not is_reference:
                 check_language_models(context.data, {"model": model, "reference": reference_model})
             metrics = lm_metrics(model, test, context, reference=None if is_reference else reference_model)
-            if experiment.evaluation.answer is not None:
-                metrics.update(answer_accuracy(model, test, context, experiment.evaluation.answer))
+            if answers is not None:
+                metrics.update(answer_accuracy(model, test, context, answers, tokenizer=answer_tokenizer))
         else:
             logits = predict(model, test, experiment.data.eval_batch_size, context)
             metrics = classification_metrics(

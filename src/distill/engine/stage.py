@@ -254,7 +254,7 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
                 if argument in optional and argument not in term.sources:
                     term.sources[argument] = ROLLOUT_SOURCES[argument]
     adapters = Objective.adapters_from_spec(stage.objective)
-    sequence_terms = {t.name: t.weight for t in terms if getattr(t.fn, "unit", "token") == "sequence"} if is_lm else {}
+    sequence_terms = {t.name for t in terms if getattr(t.fn, "unit", "token") == "sequence"} if is_lm else set()
     reference = context.frozen(stage.reference, before=experiment.stages.index(stage)) if stage.reference else None
     if reference is not None and is_lm:
         check_language_models(context.data, {"student": student, "reference": reference})
@@ -430,18 +430,14 @@ def _train_stage(context: RunContext, stage: StageSpec, kept_rows: dict[str, Any
                             sources.update({k: v.to(device) for k, v in extra_sources[micro_index].items()})
                         if is_lm:
                             output = objective(sources, mask=sources["batch.mask"], reduction="sum")
-                            loss = output.total * (context.world_size / max(step_count, 1.0))
                             if sequence_terms:
-                                # move those terms from the token normalisation to the sequence one,
-                                # and log them as means per sequence
+                                # scaled so that the division by the step's tokens below leaves them
+                                # divided by its sequences (and logged as means per sequence)
                                 ratio = max(step_count, 1.0) / max(step_sequences, 1.0)
-                                for name, weight in sequence_terms.items():
-                                    value = output.terms[name]
-                                    loss = loss + weight * value * (context.world_size / max(step_count, 1.0)) * (ratio - 1.0)
-                                    output.terms[name] = value * ratio
-                                output.total = sum(
-                                    (t.weight * output.terms[t.name] for t in terms), torch.zeros((), device=output.total.device)
-                                )
+                                for name in sequence_terms:
+                                    output.terms[name] = output.terms[name] * ratio
+                                output.total = sum(t.weight * output.terms[t.name] for t in terms)
+                            loss = output.total * (context.world_size / max(step_count, 1.0))
                         else:
                             output = objective(sources)
                             loss = output.total * (count / step_count * context.world_size)
@@ -837,6 +833,16 @@ def _finish(
     return summary
 
 
+@contextlib.contextmanager
+def _seeded_draws(context: RunContext, *keys: Any) -> Any:
+    """Random draws that are a function of (seed, ``keys``, process) alone, so a resumed run repeats
+    them; the global generators are restored afterwards."""
+    devices = [context.device] if context.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(context.experiment.seed, *keys, context.rank))
+        yield
+
+
 ROLLOUT_SOURCES = {"advantages": "batch.advantages", "rewards": "batch.rewards"}
 """Loss argument -> source that a stage with ``rollout`` provides (passed to losses that take them)."""
 
@@ -869,10 +875,8 @@ class _StageRollout:
         from distill.engine.rollout import group_rollout
 
         spec, context = self.spec, self.context
-        devices = [context.device] if context.device.type == "cuda" else []
         batches, sources, rewards = [], [], []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(context.experiment.seed, "rollout", self.stage.name, step, context.rank))
+        with _seeded_draws(context, "rollout", self.stage.name, step):
             for input_ids, labels in micro_batches:
                 rolled = group_rollout(
                     model, input_ids, labels, group_size=spec.group_size, temperature=spec.temperature, top_p=spec.top_p,
@@ -931,11 +935,8 @@ class _StageNegatives:
             self.snapshot = copy.deepcopy(model).eval().requires_grad_(False)
             self.epoch = epoch
         assert self.snapshot is not None
-        context = self.context
-        devices = [context.device] if context.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            # the negatives of step s are a function of (seed, stage, s) and the sampling model
-            torch.manual_seed(derive_seed(context.experiment.seed, "negatives", self.stage.name, step, context.rank))
+        # the negatives of step s are a function of (seed, stage, s) and the sampling model
+        with _seeded_draws(self.context, "negatives", self.stage.name, step):
             return [
                 sample_negatives(
                     self.snapshot, input_ids, labels, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
