@@ -550,56 +550,19 @@ def check_pgkd(experiment: Any, spec: PGKDSpec | None = None) -> None:
         raise ValueError("; ".join(f"{'.'.join(path)}: {message}" for path, message in problems))
 
 
-def _spec_problems(error: ValidationError, lines: dict[Any, Any]) -> list[str]:
-    from distill.config.loader import describe
-    from distill.registry import did_you_mean
-
-    problems = []
-    for item in error.errors(include_url=False):
-        path = ("pgkd", *item["loc"])
-        if item["type"] == "extra_forbidden":
-            model: Any = PGKDSpec
-            for part in item["loc"][:-1]:
-                field = model.model_fields.get(part) if isinstance(part, str) else None
-                model = field.annotation if field is not None else None
-                model = next((a for a in getattr(model, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), model)
-            allowed = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
-            key = str(item["loc"][-1])
-            message = f"unknown key{did_you_mean(key, allowed)}; allowed keys here: {', '.join(allowed)}"
-        elif item["type"] == "missing":
-            message = "required key is missing"
-        elif item["type"] == "value_error":
-            message = str(item.get("ctx", {}).get("error", item["msg"]))
-        else:
-            message = f"{item['msg']} (got {item.get('input')!r})"
-        problems.append(describe(path, message, lines))
-    return problems
-
-
 def load_pgkd_experiment(path: str | Path, overrides: Iterable[str] = ()) -> tuple[Any, PGKDSpec]:
     """Load an experiment with a `pgkd:` section (``--set pgkd.rounds=3`` works too) and check both.
 
-    Works whether or not the experiment schema declares ``pgkd``; one
+    The schema validates the section and the experiment checks run :func:`pgkd_problems`, so one
     :class:`~distill.config.ConfigError` lists every problem, with file lines.
     """
-    from distill.config.loader import ConfigError, describe, experiment_from_dict, load_raw
-    from distill.config.schema import Experiment
+    from distill.config.loader import ConfigError, experiment_from_dict, load_raw
 
     data, lines = load_raw(path, list(overrides))
-    raw = data.get("pgkd")
-    if raw is None:
+    if data.get("pgkd") is None:
         raise ConfigError(["pgkd: the experiment has no `pgkd:` section (teacher, stage, rounds, per_round, ...)"], str(path))
-    if "pgkd" not in Experiment.model_fields:
-        data = {key: value for key, value in data.items() if key != "pgkd"}
     experiment = experiment_from_dict(data, lines, str(path))
-    try:
-        spec = getattr(experiment, "pgkd", None) or PGKDSpec.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_spec_problems(error, lines), str(path)) from None
-    problems = [describe(key_path, message, lines) for key_path, message in pgkd_problems(experiment, spec)]
-    if problems:
-        raise ConfigError(problems, str(path))
-    return experiment, spec
+    return experiment, experiment.pgkd
 
 
 # ---------------------------------------------------------------------------------- the teacher
@@ -731,7 +694,7 @@ def _round_experiment(experiment: Any, spec: PGKDSpec, extra_files: Sequence[Pat
             "evaluation": evaluation,
             "checkpoint": checkpoint,
             "compare": experiment.compare.model_copy(update={"stages": None}),
-            **({"pgkd": None} if "pgkd" in type(experiment).model_fields else {}),
+            "pgkd": None,
         }
     )
 
